@@ -1,0 +1,94 @@
+"""Backend choice: each backend says why it refuses a problem; `auto` takes the first that accepts.
+
+The environment variable ACL_KERNELS_IMPL (reference | torch | triton) forces a backend for calls
+made with impl="auto"; an explicit impl= always wins.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .ops.contrastive.chunked import chunked_loss
+from .ops.contrastive.naive import reference_loss
+from .ops.contrastive.problem import LossProblem
+
+ENV_VAR = "ACL_KERNELS_IMPL"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    run: Callable[[LossProblem], Tensor]  # -> [n_anchor] per-anchor losses
+    refuse: Callable[[LossProblem], list[str]]  # reasons it cannot serve the problem; [] = accepts
+
+
+def _torch_refuses(p: LossProblem) -> list[str]:
+    if p.pos_mask is not None:
+        return ["an explicit positive mask (SupCon `mask=`) is only supported by impl='reference'"]
+    return []
+
+
+def _triton_backend() -> Backend:
+    try:
+        from .ops.contrastive import triton_backend
+    except ImportError as err:  # triton missing, or a platform without it
+        reason = f"Triton is unavailable ({err})"
+        return Backend("triton", _unavailable(reason), lambda p: [reason])
+    return Backend("triton", triton_backend.triton_loss, triton_backend.refuses)
+
+
+def _unavailable(reason: str) -> Callable[[LossProblem], Tensor]:
+    def run(p: LossProblem) -> Tensor:
+        raise RuntimeError(reason)
+
+    return run
+
+
+_BACKENDS: dict[str, Backend] | None = None
+
+
+def backends() -> dict[str, Backend]:
+    """All backends, in the order `auto` tries them."""
+    global _BACKENDS
+    if _BACKENDS is None:
+        _BACKENDS = {
+            "triton": _triton_backend(),
+            "torch": Backend("torch", chunked_loss, _torch_refuses),
+            "reference": Backend("reference", reference_loss, lambda p: []),
+        }
+    return _BACKENDS
+
+
+# Backends that can run on CPU tensors (the Triton interpreter) but that auto keeps for GPUs.
+GPU_ONLY_FOR_AUTO = ("triton",)
+IMPLS = ("auto", "triton", "torch", "reference")
+
+
+def select(impl: str, p: LossProblem) -> Backend:
+    """The backend that serves `p` for the request `impl` (auto | triton | torch | reference)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto" and os.environ.get(ENV_VAR):
+        impl = os.environ[ENV_VAR]
+        if impl not in IMPLS:
+            raise ValueError(f"environment variable {ENV_VAR} must be one of {IMPLS}, got {impl!r}")
+    table = backends()
+    if impl != "auto":
+        reasons = table[impl].refuse(p)
+        if reasons:
+            raise ValueError(f"impl={impl!r} cannot compute this loss: " + "; ".join(reasons))
+        return table[impl]
+    refusals = {}
+    for name, backend in table.items():
+        reasons = backend.refuse(p)
+        if name in GPU_ONLY_FOR_AUTO and not p.z.is_cuda:
+            reasons = reasons or [f"auto uses {name} for CUDA tensors only"]
+        if not reasons:
+            return backend
+        refusals[name] = reasons
+    detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in refusals.items())
+    raise ValueError(f"no backend can compute this loss ({detail})")

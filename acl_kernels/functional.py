@@ -1,0 +1,204 @@
+"""The functional core: one loss, every preset. The math is in ops/contrastive/README.md."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .dispatch import select
+from .ops.contrastive.problem import MODES, LossProblem
+
+NEGATIVE_WEIGHTS = ("none", "batch", "prior")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def column_weights(
+    yc: Tensor,
+    kind: str,
+    gamma: float,
+    num_classes: int,
+    has_centres: bool,
+    class_prior: Tensor | None,
+    kappa: float,
+) -> tuple[Tensor, Tensor]:
+    """[M] fp32 denominator weights of the sample columns: (other class, same class as the anchor).
+
+    none: gamma. batch: gamma / n_c, n_c = class count among the contrast rows (+1 for its centre),
+    less one for the anchor's own class. prior: gamma * pi_c^-kappa, normalised to mean 1 over the
+    contrast rows.
+    """
+    if kind == "none":
+        w = torch.full(yc.shape, gamma, dtype=torch.float32, device=yc.device)
+        return w, w
+    if kind == "batch":
+        counts = torch.bincount(yc, minlength=num_classes).float() + (1.0 if has_centres else 0.0)
+        n = counts[yc]
+        return gamma / n, gamma / (n - 1).clamp_min(1.0)
+    w = class_prior.to(device=yc.device, dtype=torch.float32)[yc].pow(-kappa)
+    w = gamma * w / w.mean()
+    return w, w
+
+
+def contrastive_loss(
+    features: Tensor,
+    labels: Tensor,
+    *,
+    mode: str = "softmax",
+    temperature: float = 0.07,
+    base_temperature: float | None = None,
+    n_anchor: int | None = None,
+    queue: Tensor | None = None,
+    queue_labels: Tensor | None = None,
+    centre_logits: Tensor | None = None,
+    log_prior: Tensor | None = None,
+    supt: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    smooth: float = 0.0,
+    negative_weight: str = "none",
+    class_prior: Tensor | None = None,
+    kappa: float = 1.0,
+    pos_mask: Tensor | None = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+    check_finite: bool = True,
+) -> Tensor:
+    """Supervised contrastive loss over L2-normalised rows (SupCon / PaCo / GPaCo / ACL core).
+
+    features: [N, d] fp16/bf16/fp32/fp64 unit rows, view-major; the first `n_anchor` rows (default
+        all) are the anchors. They are used as given: normalise them yourself.
+    labels: [N] int class of each row.
+    mode: "softmax" (SupCon/PaCo/GPaCo: one denominator per anchor) or "aligned" (ACL: one
+        denominator per positive holding itself and the negatives).
+    temperature, base_temperature: logits are s_ij / temperature; the loss is multiplied by
+        temperature / base_temperature (base_temperature defaults to temperature).
+    queue, queue_labels: [K, d], [K] extra contrast rows (MoCo queue); the gradient reaches `queue`
+        only if it requires grad.
+    centre_logits: [n_anchor, C] classifier logits u; adds the centre block (u + log_prior) / supt,
+        target beta on the own class (label smoothing `smooth` spreads it, softmax mode only).
+    alpha, gamma: target weight of sample positives; weight of the sample block in the denominator.
+    negative_weight: "none" | "batch" (1 / class count) | "prior" (class_prior^-kappa, mean 1).
+    pos_mask: [n_anchor, N + K] explicit positive weights replacing the label test (SupCon `mask=`;
+        reference backend only).
+    reduction: "mean" over anchors (anchors without a positive count as 0) | "sum" | "none" ([n_anchor]).
+    impl: "auto" | "triton" | "torch" | "reference" (see acl_kernels.dispatch).
+    check_finite: raise on NaN/Inf inputs (one device sync); turn off for speed.
+
+    Returns the loss in fp32 (fp64 for fp64 inputs).
+    """
+    features = checks.tensor("features", features, ndim=2, floating=True)
+    n, d = features.shape
+    if n == 0 or d == 0:
+        raise ValueError(f"features must be a non-empty [N, d] tensor, got shape {tuple(features.shape)}")
+    mode = checks.choice("mode", mode, MODES)
+    reduction = checks.choice("reduction", reduction, REDUCTIONS)
+    negative_weight = checks.choice("negative_weight", negative_weight, NEGATIVE_WEIGHTS)
+    temperature = checks.positive("temperature", temperature)
+    base_temperature = temperature if base_temperature is None else base_temperature
+    base_temperature = checks.positive("base_temperature", base_temperature)
+    supt = checks.positive("supt", supt)
+    alpha = checks.non_negative("alpha", alpha)
+    beta = checks.non_negative("beta", beta)
+    gamma = checks.non_negative("gamma", gamma)
+    kappa = checks.non_negative("kappa", kappa)
+    if not 0 <= smooth < 1:
+        raise ValueError(f"smooth must be in [0, 1), got {smooth}")
+    n_anchor = n if n_anchor is None else int(n_anchor)
+    if not 1 <= n_anchor <= n:
+        raise ValueError(f"n_anchor must be in [1, {n}] (the number of feature rows), got {n_anchor}")
+
+    num_classes = 0
+    if centre_logits is not None:
+        centre_logits = checks.tensor("centre_logits", centre_logits, ndim=2, floating=True)
+        checks.same_device("centre_logits", centre_logits, features, "features")
+        if centre_logits.shape[0] != n_anchor:
+            raise ValueError(
+                f"centre_logits must have shape [n_anchor={n_anchor}, num_classes], got {tuple(centre_logits.shape)}"
+            )
+        num_classes = centre_logits.shape[1]
+        if num_classes < 1:
+            raise ValueError("centre_logits must have at least one class column")
+        if log_prior is not None:
+            log_prior = checks.tensor("log_prior", log_prior, floating=True)
+            if log_prior.reshape(-1).shape[0] != num_classes:
+                raise ValueError(f"log_prior must have {num_classes} entries (one per class), got {tuple(log_prior.shape)}")
+            checks.same_device("log_prior", log_prior, features, "features")
+            log_prior = log_prior.reshape(-1).float()
+    elif log_prior is not None:
+        raise ValueError("log_prior needs centre_logits (it shifts the centre logits)")
+    elif smooth > 0:
+        raise ValueError("smooth needs centre_logits (it smooths the centre target)")
+    if smooth > 0 and mode != "softmax":
+        raise ValueError("smooth is only defined for mode='softmax'")
+    if gamma == 0 and centre_logits is None:
+        raise ValueError("gamma must be > 0 when there is no centre block (the denominator would be empty)")
+
+    labels = checks.labels("labels", labels, n, features, num_classes or None)
+    k = 0
+    if queue is not None:
+        queue = checks.tensor("queue", queue, ndim=2, floating=True)
+        checks.same_device("queue", queue, features, "features")
+        if queue.shape[1] != d:
+            raise ValueError(f"queue must have shape [K, {d}] like features, got {tuple(queue.shape)}")
+        if queue.dtype != features.dtype:
+            raise TypeError(f"queue dtype {queue.dtype} differs from features dtype {features.dtype}")
+        if queue_labels is None:
+            raise ValueError("queue_labels is required when queue is given")
+        k = queue.shape[0]
+        queue_labels = checks.labels("queue_labels", queue_labels, k, features, num_classes or None)
+        if k == 0:
+            queue = queue_labels = None
+    elif queue_labels is not None:
+        raise ValueError("queue_labels was given without queue")
+
+    if check_finite:
+        checks.finite("features", features)
+        checks.finite("queue", queue)
+        checks.finite("centre_logits", centre_logits)
+
+    yc = labels if queue_labels is None else torch.cat([labels, queue_labels])
+    if negative_weight == "prior":
+        if class_prior is None:
+            raise ValueError("negative_weight='prior' needs class_prior (training-set class frequencies)")
+        class_prior = checks.tensor("class_prior", class_prior).reshape(-1)
+        if int(yc.max()) >= class_prior.shape[0]:
+            raise ValueError(f"class_prior has {class_prior.shape[0]} classes but a label is {int(yc.max())}")
+        if not bool((class_prior > 0).all()):
+            raise ValueError("class_prior must be > 0 for every class")
+    w_other, w_same = column_weights(
+        yc, negative_weight, gamma, num_classes, centre_logits is not None, class_prior, kappa
+    )
+    if pos_mask is not None:
+        pos_mask = checks.tensor("pos_mask", pos_mask, ndim=2)
+        if tuple(pos_mask.shape) != (n_anchor, n + k):
+            raise ValueError(f"pos_mask must have shape [{n_anchor}, {n + k}], got {tuple(pos_mask.shape)}")
+        checks.same_device("pos_mask", pos_mask, features, "features")
+
+    problem = LossProblem(
+        z=features,
+        labels=labels,
+        n_anchor=n_anchor,
+        queue=queue,
+        queue_labels=queue_labels,
+        centre_logits=centre_logits,
+        log_prior=log_prior,
+        num_classes=num_classes,
+        mode=mode,
+        temperature=temperature,
+        loss_scale=temperature / base_temperature,
+        alpha=alpha,
+        beta=beta,
+        supt=supt,
+        smooth=float(smooth),
+        w_other=w_other,
+        w_same=w_same,
+        pos_mask=pos_mask,
+    )
+    losses = select(impl, problem).run(problem)
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses

@@ -1,0 +1,245 @@
+"""Drop-in loss modules: each maps its official constructor and forward onto `contrastive_loss`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import checks
+from .functional import contrastive_loss
+
+
+def _views_to_rows(name: str, x: Tensor) -> Tensor:
+    """[bsz, n_views, ...] -> [n_views * bsz, prod(...)] view-major (row v * bsz + b)."""
+    x = checks.tensor(name, x, floating=True)
+    if x.dim() < 3:
+        raise ValueError(f"{name} must be [bsz, n_views, ...] (at least 3 dimensions), got shape {tuple(x.shape)}")
+    x = x.reshape(x.shape[0], x.shape[1], -1)
+    return x.transpose(0, 1).reshape(-1, x.shape[2])
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss with the arguments and semantics of HobbitLong/SupContrast.
+
+    forward(features [bsz, n_views, ...] unit rows, labels [bsz] or mask [bsz, bsz] or neither
+    (SimCLR)). Anchors without a positive contribute 0 and count in the mean, as the current
+    official code does. An explicit `mask` is computed by the reference backend.
+    """
+
+    def __init__(self, temperature: float = 0.07, contrast_mode: str = "all", base_temperature: float = 0.07,
+                 impl: str = "auto"):
+        super().__init__()
+        self.temperature = temperature
+        self.contrast_mode = checks.choice("contrast_mode", contrast_mode, ("all", "one"))
+        self.base_temperature = base_temperature
+        self.impl = impl
+
+    def forward(self, features: Tensor, labels: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        z = _views_to_rows("features", features)
+        bsz, n_views = features.shape[0], features.shape[1]
+        if labels is not None and mask is not None:
+            raise ValueError("pass labels or mask, not both")
+        pos_mask = None
+        if mask is not None:
+            mask = checks.tensor("mask", mask, ndim=2)
+            if tuple(mask.shape) != (bsz, bsz):
+                raise ValueError(f"mask must have shape [bsz, bsz] = [{bsz}, {bsz}], got {tuple(mask.shape)}")
+            anchors = 1 if self.contrast_mode == "one" else n_views
+            pos_mask = mask.to(device=z.device, dtype=torch.float32).repeat(anchors, n_views)
+            labels = torch.zeros(bsz, dtype=torch.long, device=z.device)
+        elif labels is None:
+            labels = torch.arange(bsz, device=z.device)
+        else:
+            labels = checks.tensor("labels", labels, floating=False).reshape(-1)
+            if labels.shape[0] != bsz:
+                raise ValueError(f"labels must have shape [bsz] = [{bsz}], got {tuple(labels.shape)}")
+        return contrastive_loss(
+            z,
+            labels.to(z.device).repeat(n_views),
+            temperature=self.temperature,
+            base_temperature=self.base_temperature,
+            n_anchor=bsz if self.contrast_mode == "one" else None,
+            pos_mask=pos_mask,
+            impl=self.impl,
+        )
+
+
+class _CentreLoss(nn.Module):
+    """Shared state of the presets with a class-centre block: the class prior."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.weight: Tensor | None = None  # [1, C] training-set class frequencies, as the official code
+
+    def cal_weight_for_classes(self, cls_num_list) -> None:
+        """Set the class prior pi from per-class training counts (enables logit compensation)."""
+        counts = torch.as_tensor(cls_num_list, dtype=torch.float32).reshape(-1)
+        if counts.shape[0] != self.num_classes:
+            raise ValueError(f"cls_num_list must have num_classes={self.num_classes} entries, got {counts.shape[0]}")
+        if not bool((counts >= 0).all()) or counts.sum() <= 0:
+            raise ValueError("cls_num_list must hold non-negative counts with a positive total")
+        self.weight = (counts / counts.sum()).view(1, self.num_classes)
+
+    def _log_prior(self, like: Tensor) -> Tensor | None:
+        # log(pi + 1e-9) exactly as the official code, so values match to fp32 rounding
+        return None if self.weight is None else torch.log(self.weight.to(like.device) + 1e-9).reshape(-1)
+
+    def _check_sup_logits(self, sup_logits: Tensor | None, rows: int) -> Tensor:
+        if sup_logits is None:
+            raise ValueError("sup_logits is required (the classifier logits of the anchors)")
+        sup_logits = checks.tensor("sup_logits", sup_logits, ndim=2, floating=True)
+        if tuple(sup_logits.shape) != (rows, self.num_classes):
+            raise ValueError(
+                f"sup_logits must have shape [{rows}, num_classes={self.num_classes}], got {tuple(sup_logits.shape)}"
+            )
+        return sup_logits
+
+
+class PaCoLoss(_CentreLoss):
+    """Parametric contrastive loss with the arguments and semantics of the official PaCo/LT code.
+
+    forward(features [2B + K, d] = [q; k; queue] unit rows, labels [2B + K], sup_logits [B, C]):
+    anchors are the B query rows; the contrast set is every row but the anchor itself; the own
+    class centre is a positive of weight beta, sample positives weigh alpha, the sample block is
+    scaled by gamma in the denominator. After `cal_weight_for_classes`, log(pi) is added to the
+    centre logits (logit compensation).
+    """
+
+    anchors_are_queries_only = True
+
+    def __init__(self, alpha: float, beta: float = 1.0, gamma: float = 1.0, supt: float = 1.0,
+                 temperature: float = 1.0, base_temperature: float | None = None, K: int = 128,
+                 num_classes: int = 1000, smooth: float = 0.0, impl: str = "auto"):
+        super().__init__(num_classes)
+        self.alpha, self.beta, self.gamma, self.supt = alpha, beta, gamma, supt
+        self.temperature = temperature
+        self.base_temperature = temperature if base_temperature is None else base_temperature
+        if K < 0:
+            raise ValueError(f"K must be >= 0, got {K}")
+        self.K = K
+        self.smooth = smooth
+        self.impl = impl
+
+    def forward(self, features: Tensor, labels: Tensor | None = None, sup_logits: Tensor | None = None) -> Tensor:
+        features = checks.tensor("features", features, ndim=2, floating=True)
+        rows = features.shape[0] - self.K
+        if rows < 1 + self.anchors_are_queries_only:
+            raise ValueError(
+                f"K={self.K} leaves {rows} in-batch rows of the {features.shape[0]} feature rows; "
+                f"features must be [{'2B' if self.anchors_are_queries_only else 'N'} + K, d]"
+            )
+        if labels is None:
+            raise ValueError("labels is required")
+        labels = checks.labels("labels", labels, features.shape[0], features, self.num_classes)
+        n_anchor = rows // 2 if self.anchors_are_queries_only else rows
+        return contrastive_loss(
+            features[:rows],
+            labels[:rows],
+            queue=features[rows:] if self.K else None,
+            queue_labels=labels[rows:] if self.K else None,
+            n_anchor=n_anchor,
+            centre_logits=self._check_sup_logits(sup_logits, n_anchor),
+            log_prior=self._log_prior(features),
+            supt=self.supt,
+            temperature=self.temperature,
+            base_temperature=self.base_temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+            gamma=self.gamma,
+            smooth=self.smooth,
+            impl=self.impl,
+        )
+
+
+class GPaCoLoss(PaCoLoss):
+    """GPaCo's loss (official GPaCo/LT PaCoLoss): like PaCo, but every in-batch row is an anchor.
+
+    forward(features [N + K, d] = [views; queue], labels [N + K], sup_logits [N, C]); `smooth` is
+    the label smoothing of the centre target.
+    """
+
+    anchors_are_queries_only = False
+
+    def __init__(self, alpha: float, beta: float = 1.0, gamma: float = 1.0, supt: float = 1.0,
+                 temperature: float = 1.0, base_temperature: float | None = None, K: int = 8192,
+                 num_classes: int = 1000, smooth: float = 0.0, impl: str = "auto"):
+        super().__init__(alpha, beta, gamma, supt, temperature, base_temperature, K, num_classes, smooth, impl)
+
+
+class ACLLoss(_CentreLoss):
+    """Aligned Contrastive Loss (mode "aligned"), multi-view, with class centres and re-weighted negatives.
+
+    The formula is this package's reconstruction of the analysis in Ma et al., arXiv 2506.01071
+    (the paper's full text could not be read): every positive p of anchor i gets its own
+    denominator holding only itself and the negatives,
+        L_i = -(1/A_i) sum_p t_ip log( e^{l_ip} / (e^{l_ip} + sum_neg g_ik e^{l_ik}) ),
+    so positives are only attracted and negatives only repelled (ops/contrastive/README.md).
+
+    Arguments (defaults follow the GPaCo ImageNet-LT recipe that ACL configs start from):
+        num_classes: C of the classifier whose rows are the class centres.
+        temperature (0.2), base_temperature (= temperature): logits s / temperature, loss scaled by
+            temperature / base_temperature.
+        alpha (0.05): target weight of each sample positive; beta (1.0): of the own class centre.
+        gamma (1.0): weight of sample negatives in the denominators; supt (1.0): centre temperature.
+        negative_weight ("batch"): "batch" weighs a negative of class c by 1 / (count of c in the
+            contrast set, centre included); "prior" by pi_c^-kappa (needs cal_weight_for_classes);
+            "none".
+        kappa (1.0): exponent of the "prior" weighting.
+        logit_adjust (True): add log(pi) to the centre logits once cal_weight_for_classes was called.
+
+    forward(features [bsz, n_views, d] unit rows (any n_views >= 1), labels [bsz],
+            sup_logits [bsz, n_views, C] or None (no centre block),
+            queue [K, d] and queue_labels [K] or None).
+    """
+
+    def __init__(self, num_classes: int, temperature: float = 0.2, base_temperature: float | None = None,
+                 alpha: float = 0.05, beta: float = 1.0, gamma: float = 1.0, supt: float = 1.0,
+                 negative_weight: str = "batch", kappa: float = 1.0, logit_adjust: bool = True,
+                 impl: str = "auto"):
+        super().__init__(num_classes)
+        self.temperature = temperature
+        self.base_temperature = base_temperature
+        self.alpha, self.beta, self.gamma, self.supt = alpha, beta, gamma, supt
+        self.negative_weight = negative_weight
+        self.kappa = kappa
+        self.logit_adjust = logit_adjust
+        self.impl = impl
+
+    def forward(self, features: Tensor, labels: Tensor, sup_logits: Tensor | None = None,
+                queue: Tensor | None = None, queue_labels: Tensor | None = None) -> Tensor:
+        z = _views_to_rows("features", features)
+        bsz, n_views = features.shape[0], features.shape[1]
+        labels = checks.labels("labels", labels, bsz, z, self.num_classes).repeat(n_views)
+        centre = None
+        if sup_logits is not None:
+            sup_logits = checks.tensor("sup_logits", sup_logits, ndim=3, floating=True)
+            if tuple(sup_logits.shape) != (bsz, n_views, self.num_classes):
+                raise ValueError(
+                    f"sup_logits must have shape [bsz, n_views, num_classes] = [{bsz}, {n_views}, "
+                    f"{self.num_classes}], got {tuple(sup_logits.shape)}"
+                )
+            centre = sup_logits.transpose(0, 1).reshape(-1, self.num_classes)
+        if self.negative_weight == "prior" and self.weight is None:
+            raise ValueError("negative_weight='prior' needs cal_weight_for_classes(cls_num_list) first")
+        return contrastive_loss(
+            z,
+            labels,
+            mode="aligned",
+            queue=queue,
+            queue_labels=queue_labels,
+            centre_logits=centre,
+            log_prior=self._log_prior(z) if (centre is not None and self.logit_adjust) else None,
+            supt=self.supt,
+            temperature=self.temperature,
+            base_temperature=self.base_temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+            gamma=self.gamma,
+            negative_weight=self.negative_weight,
+            class_prior=None if self.weight is None else self.weight.reshape(-1),
+            kappa=self.kappa,
+            impl=self.impl,
+        )

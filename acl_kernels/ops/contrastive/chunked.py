@@ -1,0 +1,123 @@
+"""Torch backend: the same algorithm as the fused kernels, in row chunks of plain PyTorch.
+
+Forward keeps only per-anchor statistics (O(N)); backward recomputes each chunk of logits and
+forms dl from those statistics, so peak memory is O(chunk * M) instead of O(N * M). Runs on any
+device; it is the CPU path and a second implementation the Triton kernels are compared with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .problem import LossProblem, centre_block, compute_dtype, tile
+
+# Elements of one [chunk, C + M] tile; a few such tiles are alive at once.
+TILE_ELEMENTS = 1 << 22
+
+
+def chunk_rows(n_anchor: int, n_cols: int) -> int:
+    return max(1, min(n_anchor, TILE_ELEMENTS // max(n_cols, 1)))
+
+
+def row_statistics(l: Tensor, g: Tensor, t: Tensor, pos: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    """Per-row (loss, stats) of a tile; stats [c, 4] = (shift m, log-mass, 1/A, R) as README.md.
+
+    softmax: mass = sum_k g e^(l - m) over the denominator, R unused.
+    aligned: mass = sum over negatives only, R = sum_p (t_p / A) / (e^(l_p - m) + mass).
+    """
+    a = t.sum(1)
+    inv_a = torch.where(a > 0, 1.0 / a.clamp_min(torch.finfo(a.dtype).tiny), 0.0)
+    keep = (g > 0) | pos
+    m = l.masked_fill(~keep, float("-inf")).amax(1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(l - m[:, None])
+    zero = torch.zeros_like(a)
+    if mode == "softmax":
+        mass = (g * e).sum(1)
+        # mass == 0 only when the row has no denominator, hence no target and a zero loss
+        log_mass = torch.where(mass > 0, torch.log(mass), 0.0)
+        loss = torch.where(a > 0, m + log_mass - (t * l).sum(1) * inv_a, 0.0)
+        r = zero
+    else:
+        neg = (g > 0) & ~pos
+        mass = torch.where(neg, g * e, 0.0).sum(1)
+        log_mass = torch.log(mass)
+        denom = e + mass[:, None]
+        shifted = l - m[:, None]
+        log_p = shifted - torch.logaddexp(shifted, log_mass[:, None].expand_as(shifted))
+        loss = -torch.where(pos, t * log_p, 0.0).sum(1) * inv_a
+        r = torch.where(pos, t / denom, 0.0).sum(1) * inv_a
+    return loss, torch.stack([m, log_mass, inv_a, r], 1)
+
+
+def dlogits(l: Tensor, g: Tensor, t: Tensor, pos: Tensor, stats: Tensor, coef: Tensor, mode: str) -> Tensor:
+    """dL/dl of a tile from the row statistics; coef [c] = upstream gradient * loss scale."""
+    m, log_mass, inv_a, r = stats.unbind(1)
+    coef = torch.where(inv_a > 0, coef, 0.0)[:, None]
+    if mode == "softmax":
+        p = g * torch.exp(l - (m + log_mass)[:, None])
+        return coef * (p - t * inv_a[:, None])
+    e = torch.exp(l - m[:, None])
+    mass = torch.exp(log_mass)[:, None]
+    attract = -(t * inv_a[:, None]) * mass / (e + mass)
+    repel = g * e * r[:, None]
+    return coef * torch.where(pos, attract, torch.where(g > 0, repel, 0.0))
+
+
+def _chunks(p: LossProblem):
+    n_cols = p.n_contrast + p.num_classes
+    step = chunk_rows(p.n_anchor, n_cols)
+    for start in range(0, p.n_anchor, step):
+        yield slice(start, min(start + step, p.n_anchor))
+
+
+class ChunkedContrastiveFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, queue: Tensor | None, centre_logits: Tensor | None, p: LossProblem):
+        dtype = compute_dtype(z.dtype)
+        zc = p.contrast(dtype)
+        yc = p.contrast_labels()
+        losses, stats = [], []
+        for rows in _chunks(p):
+            tiles = tile(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
+            loss, st = row_statistics(*tiles, p.mode)
+            losses.append(loss)
+            stats.append(st)
+        ctx.problem = p
+        ctx.save_for_backward(torch.cat(stats))
+        return torch.cat(losses) * p.loss_scale
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        (stats,) = ctx.saved_tensors
+        p: LossProblem = ctx.problem
+        dtype = compute_dtype(p.z.dtype)
+        zc = p.contrast(dtype)
+        yc = p.contrast_labels()
+        coef = grad_loss.to(dtype) * p.loss_scale
+        need_z = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dzc = torch.zeros_like(zc) if need_z else None
+        du = torch.zeros_like(p.centre_logits, dtype=dtype) if ctx.needs_input_grad[2] else None
+        n_cls = p.num_classes
+        for rows in _chunks(p):
+            tiles = tile(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
+            dl = dlogits(*tiles, stats[rows], coef[rows], p.mode)
+            if du is not None:
+                du[rows] = dl[:, :n_cls] / p.supt
+            if dzc is not None:
+                dl_s = dl[:, n_cls:] / p.temperature
+                dzc[rows] += dl_s @ zc
+                dzc += dl_s.T @ zc[rows]
+        dz = dq = None
+        if dzc is not None:
+            n = p.n_rows
+            dz = dzc[:n].to(p.z.dtype) if ctx.needs_input_grad[0] else None
+            dq = dzc[n:].to(p.queue.dtype) if ctx.needs_input_grad[1] else None
+        du = du.to(p.centre_logits.dtype) if du is not None else None
+        return dz, dq, du, None
+
+
+def chunked_loss(p: LossProblem) -> Tensor:
+    """[n_anchor] per-anchor losses (already multiplied by temperature / base_temperature)."""
+    return ChunkedContrastiveFunction.apply(p.z, p.queue, p.centre_logits, p)
