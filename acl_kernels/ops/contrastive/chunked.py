@@ -44,8 +44,7 @@ def row_statistics(l: Tensor, g: Tensor, t: Tensor, pos: Tensor, mode: str) -> t
         mass = torch.where(neg, g * e, 0.0).sum(1)
         log_mass = torch.log(mass)
         denom = e + mass[:, None]
-        shifted = l - m[:, None]
-        log_p = shifted - torch.logaddexp(shifted, log_mass[:, None].expand_as(shifted))
+        log_p = -torch.nn.functional.softplus(log_mass[:, None] - (l - m[:, None]))
         loss = -torch.where(pos, t * log_p, 0.0).sum(1) * inv_a
         r = torch.where(pos, t / denom, 0.0).sum(1) * inv_a
     return loss, torch.stack([m, log_mass, inv_a, r], 1)
@@ -65,50 +64,105 @@ def dlogits(l: Tensor, g: Tensor, t: Tensor, pos: Tensor, stats: Tensor, coef: T
     return coef * torch.where(pos, attract, torch.where(g > 0, repel, 0.0))
 
 
-def _chunks(p: LossProblem):
-    n_cols = p.n_contrast + p.num_classes
-    step = chunk_rows(p.n_anchor, n_cols)
-    for start in range(0, p.n_anchor, step):
-        yield slice(start, min(start + step, p.n_anchor))
+def _chunks(rows: slice, n_cols: int):
+    step = chunk_rows(rows.stop - rows.start, n_cols)
+    for start in range(rows.start, rows.stop, step):
+        yield slice(start, min(start + step, rows.stop))
+
+
+def anchor_statistics(p: LossProblem) -> tuple[Tensor, Tensor]:
+    """Losses [a] (times loss_scale) and row statistics [a, 4] of the anchors p.anchors, a = their count."""
+    dtype = compute_dtype(p.z.dtype)
+    zc = p.contrast(dtype)
+    yc = p.contrast_labels()
+    losses, stats = [], []
+    for rows in _chunks(p.anchors, p.n_contrast + p.num_classes):
+        tiles = tile(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
+        loss, st = row_statistics(*tiles, p.mode)
+        losses.append(loss)
+        stats.append(st)
+    return torch.cat(losses) * p.loss_scale, torch.cat(stats)
+
+
+def grad_scatter(
+    p: LossProblem, stats: Tensor, grad: Tensor, need_z: bool, need_u: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Single process: (dL/d[z; queue] [M, d], dL/du) from the statistics of every anchor.
+
+    One sweep over anchor chunks: each tile adds its row gradient to the anchors and its column
+    gradient to every contrast row.
+    """
+    dtype = compute_dtype(p.z.dtype)
+    zc = p.contrast(dtype)
+    yc = p.contrast_labels()
+    coef = grad.to(dtype) * p.loss_scale
+    dzc = torch.zeros_like(zc) if need_z else None
+    du = torch.zeros_like(p.centre_logits, dtype=dtype) if need_u else None
+    n_cls = p.num_classes
+    for rows in _chunks(p.anchors, p.n_contrast + n_cls):
+        tiles = tile(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
+        dl = dlogits(*tiles, stats[rows], coef[rows], p.mode)
+        if du is not None:
+            du[rows] = dl[:, :n_cls] / p.supt
+        if dzc is not None:
+            dl_s = dl[:, n_cls:] / p.temperature
+            dzc[rows] += dl_s @ zc
+            dzc += dl_s.T @ zc[rows]
+    return dzc, du
+
+
+def grad_rows(
+    p: LossProblem, stats: Tensor, grad: Tensor, need_z: bool, need_u: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Process group: (dL/dz of the rows p.own_rows [n_own, d], dL/du of the anchors p.anchors).
+
+    stats [n_anchor, 4] and grad [n_anchor] are those of every anchor of every rank. Row j's
+    gradient is (1/T)[sum_k dl_jk z_k (j an anchor) + sum_i dl_ij z_i (i over all anchors)]: a row
+    sweep over this process's anchors and a column sweep of all anchors against this process's
+    rows; dl_ij needs only anchor i's statistics and upstream gradient, so nothing N x N is sent.
+    Queue rows get no gradient here.
+    """
+    dtype = compute_dtype(p.z.dtype)
+    zc = p.contrast(dtype)
+    yc = p.contrast_labels()
+    coef = grad.to(dtype) * p.loss_scale
+    own, cols = p.anchors, p.own_rows
+    n_cls = p.num_classes
+    dz = zc.new_zeros(cols.shape[0], zc.shape[1]) if need_z else None
+    du = torch.zeros_like(p.centre_logits, dtype=dtype) if need_u else None
+    if du is not None or dz is not None:
+        # this process's anchors come first among its rows
+        for rows in _chunks(own, p.n_contrast + n_cls):
+            here = slice(rows.start - own.start, rows.stop - own.start)
+            tiles = tile(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
+            dl = dlogits(*tiles, stats[rows], coef[rows], p.mode)
+            if du is not None:
+                du[here] = dl[:, :n_cls] / p.supt
+            if dz is not None:
+                dz[here] += (dl[:, n_cls:] / p.temperature) @ zc
+    if dz is not None:
+        z_own, y_own = zc[cols], yc[cols]
+        for rows in _chunks(slice(0, p.n_anchor), cols.shape[0]):
+            tiles = tile(p, rows, zc[rows], z_own, y_own, None, cols=cols)
+            dl = dlogits(*tiles, stats[rows], coef[rows], p.mode)
+            dz += (dl / p.temperature).T @ zc[rows]
+    return dz, du
 
 
 class ChunkedContrastiveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, queue: Tensor | None, centre_logits: Tensor | None, p: LossProblem):
-        dtype = compute_dtype(z.dtype)
-        zc = p.contrast(dtype)
-        yc = p.contrast_labels()
-        losses, stats = [], []
-        for rows in _chunks(p):
-            tiles = tile(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
-            loss, st = row_statistics(*tiles, p.mode)
-            losses.append(loss)
-            stats.append(st)
+        losses, stats = anchor_statistics(p)
         ctx.problem = p
-        ctx.save_for_backward(torch.cat(stats))
-        return torch.cat(losses) * p.loss_scale
+        ctx.save_for_backward(stats)
+        return losses
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         (stats,) = ctx.saved_tensors
         p: LossProblem = ctx.problem
-        dtype = compute_dtype(p.z.dtype)
-        zc = p.contrast(dtype)
-        yc = p.contrast_labels()
-        coef = grad_loss.to(dtype) * p.loss_scale
         need_z = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        dzc = torch.zeros_like(zc) if need_z else None
-        du = torch.zeros_like(p.centre_logits, dtype=dtype) if ctx.needs_input_grad[2] else None
-        n_cls = p.num_classes
-        for rows in _chunks(p):
-            tiles = tile(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
-            dl = dlogits(*tiles, stats[rows], coef[rows], p.mode)
-            if du is not None:
-                du[rows] = dl[:, :n_cls] / p.supt
-            if dzc is not None:
-                dl_s = dl[:, n_cls:] / p.temperature
-                dzc[rows] += dl_s @ zc
-                dzc += dl_s.T @ zc[rows]
+        dzc, du = grad_scatter(p, stats, grad_loss, need_z, ctx.needs_input_grad[2])
         dz = dq = None
         if dzc is not None:
             n = p.n_rows
@@ -120,4 +174,5 @@ class ChunkedContrastiveFunction(torch.autograd.Function):
 
 def chunked_loss(p: LossProblem) -> Tensor:
     """[n_anchor] per-anchor losses (already multiplied by temperature / base_temperature)."""
+    assert not p.distributed, "a process group goes through acl_kernels.distributed"
     return ChunkedContrastiveFunction.apply(p.z, p.queue, p.centre_logits, p)

@@ -38,14 +38,15 @@ def per_anchor_loss(l: Tensor, g: Tensor, t: Tensor, pos: Tensor, mode: str) -> 
     m = masked_row_max(l, neg | pos)
     shifted = l - m[:, None]
     log_neg = safe_log((torch.where(neg, g, 0.0) * torch.exp(shifted)).sum(1))
-    log_p = shifted - torch.logaddexp(shifted, log_neg[:, None].expand_as(shifted))
+    # log(e^x / (e^x + N)) = -softplus(log N - x): no cancellation when the positive dominates
+    log_p = -torch.nn.functional.softplus(log_neg[:, None] - shifted)
     return -(torch.where(pos, t * log_p, 0.0)).sum(1) * inv_a
 
 
 def reference_loss(p: LossProblem) -> Tensor:
-    """[n_anchor] per-anchor losses (already multiplied by temperature / base_temperature)."""
+    """Losses of the anchors p.anchors (already multiplied by temperature / base_temperature)."""
     dtype = compute_dtype(p.z.dtype)
     zc = p.contrast(dtype)
-    rows = slice(0, p.n_anchor)
+    rows = p.anchors
     l, g, t, pos = tile(p, rows, zc[rows], zc, p.contrast_labels(), centre_block(p, rows, dtype))
     return per_anchor_loss(l, g, t, pos, p.mode) * p.loss_scale

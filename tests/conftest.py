@@ -1,0 +1,59 @@
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = "value") -> None:
+    """Fail on NaN/Inf, or when the worst |actual - expected| exceeds rtol * max|expected|.
+
+    The error is measured against the tensor's scale (not element-wise), so tiny entries of a
+    gradient do not demand more accuracy than the arithmetic can give.
+    """
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values in the result"
+    assert torch.isfinite(expected).all(), f"{name}: non-finite values in the expected result"
+    if actual.numel() == 0:
+        return
+    diff = (actual - expected).abs()
+    scale = max(expected.abs().max().item(), 1e-12)
+    worst = int(diff.argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), diff.shape)) if diff.dim() else ()
+    err = diff.max().item() / scale
+    assert err <= rtol, (
+        f"{name}: relative error {err:.3e} > {rtol:.1e} at {idx}: got {actual.reshape(-1)[worst].item():.8g}, "
+        f"expected {expected.reshape(-1)[worst].item():.8g} (scale {scale:.3g})"
+    )
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    diff = (actual.detach().double().cpu() - expected.detach().double().cpu()).abs()
+    return diff.max().item() / max(expected.detach().abs().max().item(), 1e-12) if diff.numel() else 0.0
+
+
+def assert_close_to_oracle(actual, baseline, oracle, rtol: float, name: str = "value") -> None:
+    """`actual` within max(rtol, 2 x the error of `baseline`) of the float64 `oracle`.
+
+    `baseline` is the reference computed in the same precision as `actual`: where the problem is
+    ill-conditioned (gradients that cancel to almost nothing), PyTorch's own error sets the bar,
+    as in flash-attention's tests.
+    """
+    assert_close(actual, oracle, max(rtol, 2 * relative_error(baseline, oracle)), name)
+
+
+def unit_rows(*shape, dtype=torch.float32, generator=None) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, dtype=torch.float64, generator=generator), dim=-1).to(dtype)
+
+
+@pytest.fixture
+def rng():
+    """A fresh generator per test (fresh random inputs each run); the seed is printed on failure.
+
+    Set ACL_TEST_SEED to replay a failing run.
+    """
+    seed = int(os.environ.get("ACL_TEST_SEED") or int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
+    print(f"seed={seed} (replay with ACL_TEST_SEED={seed})")
+    return torch.Generator().manual_seed(seed)

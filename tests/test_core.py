@@ -1,0 +1,173 @@
+"""The chunked torch backend against the naive reference: value and every gradient."""
+
+import pytest
+import torch
+from conftest import assert_close, assert_close_to_oracle, unit_rows
+
+from acl_kernels import contrastive_loss
+from acl_kernels.ops.contrastive import chunked
+
+
+def make_case(rng, n, d, n_classes, *, n_anchor=None, queue=0, centres=False, dtype=torch.float32,
+              labels=None):
+    z = unit_rows(n, d, dtype=dtype, generator=rng).requires_grad_()
+    y = torch.randint(0, n_classes, (n,), generator=rng) if labels is None else labels
+    kw = {"n_anchor": n_anchor}
+    inputs = [z]
+    if queue:
+        q = unit_rows(queue, d, dtype=dtype, generator=rng).requires_grad_()
+        kw.update(queue=q, queue_labels=torch.randint(0, n_classes, (queue,), generator=rng))
+        inputs.append(q)
+    if centres:
+        u = (2 * torch.randn(n_anchor or n, n_classes, generator=rng)).to(dtype).requires_grad_()
+        kw.update(centre_logits=u, log_prior=torch.log_softmax(torch.randn(n_classes, generator=rng), 0))
+        inputs.append(u)
+    return z, y, kw, inputs
+
+
+def run(z, y, kw, inputs, impl, rng_state, **extra):
+    losses = contrastive_loss(z, y, impl=impl, reduction="none", **kw, **extra)
+    torch.random.set_rng_state(rng_state)
+    upstream = torch.randn(losses.shape, dtype=torch.float64).to(losses.dtype)
+    grads = torch.autograd.grad(losses, inputs, upstream)
+    return losses, grads
+
+
+def as_float64(kw, inputs):
+    """The same (already rounded) inputs in float64, for the oracle; `inputs` = [z, queue?, centres?]."""
+    inputs64 = [x.detach().double().requires_grad_() for x in inputs]
+    kw64, rest = dict(kw), iter(inputs64[1:])
+    for key in ("queue", "centre_logits"):
+        if key in kw:
+            kw64[key] = next(rest)
+    return inputs64[0], kw64, inputs64
+
+
+def compare(z, y, kw, inputs, rtol, **extra):
+    """torch path vs the float64 reference; the fp32 reference's own error sets the bar where it is larger."""
+    state = torch.random.get_rng_state()
+    z64, kw64, inputs64 = as_float64(kw, inputs)
+    oracle = run(z64, y, kw64, inputs64, "reference", state, **extra)
+    base = run(z, y, kw, inputs, "reference", state, **extra)
+    got = run(z, y, kw, inputs, "torch", state, **extra)
+    assert_close_to_oracle(got[0], base[0], oracle[0], rtol, "loss")
+    for i, (g, b, o) in enumerate(zip(got[1], base[1], oracle[1])):
+        assert_close_to_oracle(g, b, o, rtol, f"grad[{i}]")
+
+
+@pytest.mark.parametrize("mode", ["softmax", "aligned"])
+@pytest.mark.parametrize("n", [1, 3, 127, 255])
+@pytest.mark.parametrize("d", [3, 64, 130])
+def test_sizes(rng, mode, n, d):
+    z, y, kw, inputs = make_case(rng, n, d, n_classes=7)
+    compare(z, y, kw, inputs, 1e-5, mode=mode, temperature=0.1)
+
+
+@pytest.mark.parametrize("mode", ["softmax", "aligned"])
+@pytest.mark.parametrize("queue", [0, 33])
+@pytest.mark.parametrize("centres", [False, True])
+@pytest.mark.parametrize("weighting", ["none", "batch", "prior"])
+def test_blocks_and_weights(rng, mode, queue, centres, weighting):
+    n, c = 90, 11
+    z, y, kw, inputs = make_case(rng, n, 24, c, n_anchor=40, queue=queue, centres=centres)
+    prior = torch.rand(c, generator=rng) + 0.01
+    compare(z, y, kw, inputs, 1e-5, mode=mode, temperature=0.2, alpha=0.3, beta=1.5, gamma=0.7,
+            supt=0.8, negative_weight=weighting, class_prior=prior, kappa=0.5, base_temperature=0.1)
+
+
+@pytest.mark.parametrize("mode", ["softmax", "aligned"])
+@pytest.mark.parametrize("views", [1, 2, 5, 8])
+def test_views(rng, mode, views):
+    bsz, c = 23, 6
+    labels = torch.randint(0, c, (bsz,), generator=rng).repeat(views)
+    z, y, kw, inputs = make_case(rng, bsz * views, 32, c, labels=labels, centres=True)
+    compare(z, y, kw, inputs, 1e-5, mode=mode, temperature=0.1)
+
+
+@pytest.mark.parametrize("mode", ["softmax", "aligned"])
+@pytest.mark.parametrize(
+    "case", ["all_equal", "one_sample_class", "no_positives", "no_positives_with_centres"]
+)
+def test_label_corner_cases(rng, mode, case):
+    n = 40
+    if case == "all_equal":
+        labels = torch.zeros(n, dtype=torch.long)
+    elif case == "one_sample_class":
+        labels = torch.randint(0, 3, (n,), generator=rng)
+        labels[7] = 5
+    else:
+        labels = torch.randperm(n, generator=rng)
+    z, y, kw, inputs = make_case(rng, n, 16, n, labels=labels, centres=case == "no_positives_with_centres",
+                                 queue=0)
+    compare(z, y, kw, inputs, 1e-5, mode=mode, temperature=0.1, negative_weight="batch")
+
+
+def test_no_positive_anchor_contributes_zero(rng):
+    labels = torch.arange(6)
+    z = unit_rows(6, 8, generator=rng).requires_grad_()
+    for impl in ["reference", "torch"]:
+        losses = contrastive_loss(z, labels, impl=impl, reduction="none")
+        assert torch.equal(losses, torch.zeros(6))
+        (g,) = torch.autograd.grad(contrastive_loss(z, labels, impl=impl), [z])
+        assert torch.equal(g, torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("mode", ["softmax", "aligned"])
+def test_small_temperature(rng, mode):
+    """tau = 0.01 puts logits at +-100: the fp32 torch path must still match the fp64 oracle."""
+    z, y, kw, inputs = make_case(rng, 64, 16, 4, centres=True)
+    state = torch.random.get_rng_state()
+    z64 = z.detach().double().requires_grad_()
+    u64 = kw["centre_logits"].detach().double().requires_grad_()
+    kw64 = dict(kw, centre_logits=u64)
+    ref = run(z64, y, kw64, [z64, u64], "reference", state, mode=mode, temperature=0.01)
+    got = run(z, y, kw, inputs, "torch", state, mode=mode, temperature=0.01)
+    assert_close(got[0], ref[0], 1e-4, "loss")
+    for g, r in zip(got[1], ref[1]):
+        assert_close(g, r, 1e-4, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["softmax", "aligned"])
+def test_half_inputs(rng, dtype, mode):
+    """Half inputs are accumulated in fp32: within 2e-2 of the fp64 oracle on the same (rounded) data."""
+    z, y, kw, inputs = make_case(rng, 96, 32, 5, dtype=dtype)
+    state = torch.random.get_rng_state()
+    z64 = z.detach().double().requires_grad_()
+    ref = run(z64, y, kw, [z64], "reference", state, mode=mode, temperature=0.1)
+    got = run(z, y, kw, inputs, "torch", state, mode=mode, temperature=0.1)
+    assert got[1][0].dtype == dtype
+    assert_close(got[0], ref[0], 2e-2, "loss")
+    assert_close(got[1][0], ref[1][0], 2e-2, "grad")
+
+
+def test_many_chunks(rng, monkeypatch):
+    """Force tiny chunks so the chunk loop, not one big tile, is what gets compared."""
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 500)
+    for mode in ["softmax", "aligned"]:
+        z, y, kw, inputs = make_case(rng, 77, 8, 5, n_anchor=50, queue=9, centres=True)
+        compare(z, y, kw, inputs, 1e-5, mode=mode, negative_weight="batch")
+
+
+def test_reductions(rng):
+    z, y, kw, _ = make_case(rng, 30, 8, 3)
+    per = contrastive_loss(z, y, reduction="none")
+    assert per.shape == (30,)
+    torch.testing.assert_close(contrastive_loss(z, y, reduction="mean"), per.mean())
+    torch.testing.assert_close(contrastive_loss(z, y, reduction="sum"), per.sum())
+
+
+def test_env_var_forces_backend(rng, monkeypatch):
+    z, y, _, _ = make_case(rng, 10, 4, 3)
+    monkeypatch.setenv("ACL_KERNELS_IMPL", "reference")
+    calls = []
+    import acl_kernels.ops.contrastive.naive as naive
+
+    original = naive.reference_loss
+    monkeypatch.setattr("acl_kernels.dispatch.reference_loss", lambda p: calls.append(1) or original(p))
+    import acl_kernels.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "_BACKENDS", None)
+    contrastive_loss(z, y)
+    assert calls == [1]
+    monkeypatch.setattr(dispatch, "_BACKENDS", None)
