@@ -123,7 +123,9 @@ def contrastive_loss(
         if log_prior is not None:
             log_prior = checks.tensor("log_prior", log_prior, floating=True)
             if log_prior.reshape(-1).shape[0] != num_classes:
-                raise ValueError(f"log_prior must have {num_classes} entries (one per class), got {tuple(log_prior.shape)}")
+                raise ValueError(
+                    f"log_prior must have {num_classes} entries (one per class), got {tuple(log_prior.shape)}"
+                )
             checks.same_device("log_prior", log_prior, features, "features")
             log_prior = log_prior.reshape(-1).float()
     elif log_prior is not None:

@@ -47,6 +47,6 @@ def test_gradcheck_label_smoothing(rng):
     y = torch.randint(0, 4, (6,), generator=rng)
     for impl in ["reference", "torch"]:
         assert torch.autograd.gradcheck(
-            lambda a, b: contrastive_loss(a, y, centre_logits=b, smooth=0.2, impl=impl, temperature=0.5),
+            lambda a, b, impl=impl: contrastive_loss(a, y, centre_logits=b, smooth=0.2, impl=impl, temperature=0.5),
             (z, u),
         )
