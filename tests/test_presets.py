@@ -1,0 +1,156 @@
+"""Each preset against a restatement of its official code: value and gradients, fp32 relative 1e-5."""
+
+import official
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, unit_rows
+
+from acl_kernels import ACLLoss, GPaCoLoss, PaCoLoss, SupConLoss
+
+IMPLS = ["reference", "torch"]
+
+
+def grads(loss, inputs):
+    return torch.autograd.grad(loss, inputs)
+
+
+def check(ours, theirs, inputs, rtol=1e-5):
+    assert_close(ours, theirs, rtol, "loss")
+    for i, (a, b) in enumerate(zip(grads(ours, inputs), grads(theirs, inputs))):
+        assert_close(a, b, rtol, f"grad[{i}]")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("contrast_mode", ["all", "one"])
+@pytest.mark.parametrize("views", [1, 2, 4])
+def test_supcon_labels(rng, impl, contrast_mode, views):
+    bsz = 37
+    feats = unit_rows(bsz, views, 32, generator=rng).requires_grad_()
+    labels = torch.randint(0, 5, (bsz,), generator=rng)
+    labels[0] = 9  # a class with one sample: no positive when views == 1
+    kw = {"temperature": 0.1, "contrast_mode": contrast_mode, "base_temperature": 0.07}
+    ours = SupConLoss(**kw, impl=impl)(feats, labels)
+    theirs = official.supcon(feats, labels, **kw)
+    check(ours, theirs, [feats])
+
+
+@pytest.mark.parametrize("contrast_mode", ["all", "one"])
+def test_supcon_simclr_and_mask(rng, contrast_mode):
+    bsz, views = 20, 3
+    feats = unit_rows(bsz, views, 2, 8, generator=rng).requires_grad_()  # [bsz, n_views, ...] is flattened
+    kw = {"temperature": 0.2, "contrast_mode": contrast_mode}
+    check(SupConLoss(**kw)(feats), official.supcon(feats, **kw), [feats])
+    mask = (torch.rand(bsz, bsz, generator=rng) < 0.3).float()  # asymmetric, as the official code allows
+    check(SupConLoss(**kw)(feats, mask=mask), official.supcon(feats, mask=mask, **kw), [feats])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("with_prior", [False, True])
+@pytest.mark.parametrize("k", [0, 64])
+def test_paco(rng, impl, with_prior, k):
+    b, c, d = 24, 10, 32
+    feats = unit_rows(2 * b + k, d, generator=rng).requires_grad_()
+    labels = torch.randint(0, c, (2 * b + k,), generator=rng)
+    sup_logits = torch.randn(b, c, generator=rng).requires_grad_()
+    kw = {"alpha": 0.05, "beta": 1.0, "gamma": 1.0, "supt": 1.0, "temperature": 0.2, "K": k, "num_classes": c}
+    loss = PaCoLoss(**kw, impl=impl)
+    weight = None
+    if with_prior:
+        counts = torch.randint(1, 500, (c,), generator=rng).tolist()
+        loss.cal_weight_for_classes(counts)
+        weight = torch.tensor(counts, dtype=torch.float32).view(1, c) / sum(counts)
+    check(loss(feats, labels, sup_logits), official.paco(feats, labels, sup_logits, weight=weight, **kw),
+          [feats, sup_logits])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("smooth", [0.0, 0.1])
+def test_gpaco(rng, impl, smooth):
+    n, k, c, d = 40, 30, 8, 16
+    feats = unit_rows(n + k, d, generator=rng).requires_grad_()
+    labels = torch.randint(0, c, (n + k,), generator=rng)
+    sup_logits = torch.randn(n, c, generator=rng).requires_grad_()
+    kw = {"alpha": 0.045, "beta": 1.0, "gamma": 1.0, "supt": 1.0, "temperature": 0.2, "K": k, "num_classes": c,
+          "smooth": smooth}
+    loss = GPaCoLoss(**kw, impl=impl)
+    counts = torch.randint(1, 300, (c,), generator=rng).tolist()
+    loss.cal_weight_for_classes(counts)
+    weight = torch.tensor(counts, dtype=torch.float32).view(1, c) / sum(counts)
+    theirs = official.paco(feats, labels, sup_logits, weight=weight, queries_only=False, **kw)
+    check(loss(feats, labels, sup_logits), theirs, [feats, sup_logits])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("negative_weight", ["none", "batch", "prior"])
+@pytest.mark.parametrize("centres", [False, True])
+def test_acl(rng, impl, negative_weight, centres):
+    bsz, views, c, d = 9, 3, 4, 8
+    feats = unit_rows(bsz, views, d, dtype=torch.float64, generator=rng).requires_grad_()
+    labels = torch.randint(0, c, (bsz,), generator=rng)
+    sup = torch.randn(bsz, views, c, dtype=torch.float64, generator=rng).requires_grad_() if centres else None
+    loss = ACLLoss(c, temperature=0.3, alpha=0.5, beta=1.0, gamma=0.9, negative_weight=negative_weight,
+                   kappa=0.7, impl=impl)
+    counts = torch.randint(1, 100, (c,), generator=rng)
+    loss.cal_weight_for_classes(counts.tolist())
+    rows = feats.transpose(0, 1).reshape(-1, d)
+    y = labels.repeat(views)
+    prior = counts.double() / counts.sum()
+    if negative_weight == "batch":
+        n_c = torch.bincount(y, minlength=c).double() + (1 if centres else 0)
+        class_weight = lambda cj, ci: 1.0 / (n_c[cj] - float(cj == ci))  # noqa: E731
+    elif negative_weight == "prior":
+        raw = prior[y] ** -0.7
+        class_weight = lambda cj, ci: prior[cj] ** -0.7 / raw.mean()  # noqa: E731
+    else:
+        class_weight = None
+    sup_rows = sup.transpose(0, 1).reshape(-1, c) if centres else None
+    log_prior = torch.log(prior + 1e-9) if centres else None
+    theirs = official.aligned(rows, y, sup_rows, temperature=0.3, alpha=0.5, beta=1.0, gamma=0.9,
+                              log_prior=log_prior, class_weight=class_weight)
+    inputs = [feats] + ([sup] if centres else [])
+    check(loss(feats, labels, sup), theirs, inputs, rtol=1e-6)
+
+
+def test_acl_gradient_signs(rng):
+    """The point of ACL: positives are only attracted, negatives only repelled (no gradient conflict).
+
+    SupCon's softmax pushes away a positive whose share exceeds 1/|P|; the aligned mode never does.
+    """
+    from acl_kernels.ops.contrastive.naive import per_anchor_loss
+
+    n = 48
+    z = unit_rows(n, 8, dtype=torch.float64, generator=rng)
+    y = torch.randint(0, 3, (n,), generator=rng)
+    same = y[:, None] == y[None, :]
+    eye = torch.eye(n, dtype=torch.bool)
+    pos = same & ~eye
+    for mode, expect_conflict in [("aligned", False), ("softmax", True)]:
+        s = (z @ z.T).requires_grad_()
+        per_anchor_loss(s / 0.1, (~eye).double(), pos.double(), pos, mode).sum().backward()
+        assert (s.grad[~same] >= 0).all(), "a negative is attracted"
+        assert bool((s.grad[pos] > 0).any()) == expect_conflict
+
+
+def test_paco_checks_its_inputs(rng):
+    feats = unit_rows(20, 4, generator=rng)
+    labels = torch.randint(0, 3, (20,), generator=rng)
+    loss = PaCoLoss(alpha=0.1, K=30, num_classes=3)
+    with pytest.raises(ValueError, match="K=30"):
+        loss(feats, labels, torch.randn(5, 3))
+    loss = PaCoLoss(alpha=0.1, K=4, num_classes=3)
+    with pytest.raises(ValueError, match="sup_logits must have shape"):
+        loss(feats, labels, torch.randn(8, 4))
+    with pytest.raises(ValueError, match="sup_logits is required"):
+        loss(feats, labels)
+    with pytest.raises(ValueError, match="cls_num_list"):
+        loss.cal_weight_for_classes([1, 2])
+
+
+def test_presets_do_not_renormalise(rng):
+    """Features are used as given (like the official code): scaling them changes the loss."""
+    feats = unit_rows(16, 2, 8, generator=rng)
+    labels = torch.randint(0, 3, (16,), generator=rng)
+    a = SupConLoss()(feats, labels)
+    b = SupConLoss()(F.normalize(feats, dim=-1) * 0.5, labels)
+    assert not torch.isclose(a, b)
