@@ -9,21 +9,49 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import Tensor
 
-from .ops.contrastive.chunked import chunked_loss
+from .ops.contrastive.chunked import anchor_statistics, chunked_loss, grad_rows
 from .ops.contrastive.naive import reference_loss
 from .ops.contrastive.problem import LossProblem
 
 ENV_VAR = "ACL_KERNELS_IMPL"
 
 
+class RowStats(NamedTuple):
+    """The per-row-statistics interface with which a backend serves a process group in O(N d) traffic.
+
+    forward(p) -> (losses [a] times loss_scale, stats [a, S]) of the anchors p.anchors;
+    backward(p, stats [n_anchor, S], grad [n_anchor], need_z, need_u) -> (dL/dz of p.own_rows,
+    dL/du of p.anchors), from the statistics and upstream gradients of every rank's anchors.
+    """
+
+    forward: Callable[[LossProblem], tuple[Tensor, Tensor]]
+    backward: Callable[[LossProblem, Tensor, Tensor, bool, bool], tuple[Tensor | None, Tensor | None]]
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
-    run: Callable[[LossProblem], Tensor]  # -> [n_anchor] per-anchor losses
+    run: Callable[[LossProblem], Tensor]  # -> per-anchor losses of p.anchors
     refuse: Callable[[LossProblem], list[str]]  # reasons it cannot serve the problem; [] = accepts
+    # How it serves a process group: through `row_stats`, or (`autograd_exact`: run() differentiates
+    # through p.z for any p.anchors) through a differentiable all-gather of the rows, whose backward
+    # all-reduces an N x d gradient: fine for the oracle, not for training.
+    row_stats: RowStats | None = None
+    autograd_exact: bool = False
+
+
+def _refusals(backend: Backend, p: LossProblem) -> list[str]:
+    reasons = list(backend.refuse(p))
+    if p.distributed and backend.row_stats is None and not backend.autograd_exact:
+        reasons.append(
+            f"impl={backend.name!r} does not support process_group yet (it needs the RowStats interface "
+            "of acl_kernels.dispatch); use impl='torch'"
+        )
+    return reasons
 
 
 def _torch_refuses(p: LossProblem) -> list[str]:
@@ -57,8 +85,8 @@ def backends() -> dict[str, Backend]:
     if _BACKENDS is None:
         _BACKENDS = {
             "triton": _triton_backend(),
-            "torch": Backend("torch", chunked_loss, _torch_refuses),
-            "reference": Backend("reference", reference_loss, lambda p: []),
+            "torch": Backend("torch", chunked_loss, _torch_refuses, RowStats(anchor_statistics, grad_rows)),
+            "reference": Backend("reference", reference_loss, lambda p: [], autograd_exact=True),
         }
     return _BACKENDS
 
@@ -78,13 +106,13 @@ def select(impl: str, p: LossProblem) -> Backend:
             raise ValueError(f"environment variable {ENV_VAR} must be one of {IMPLS}, got {impl!r}")
     table = backends()
     if impl != "auto":
-        reasons = table[impl].refuse(p)
+        reasons = _refusals(table[impl], p)
         if reasons:
             raise ValueError(f"impl={impl!r} cannot compute this loss: " + "; ".join(reasons))
         return table[impl]
     refusals = {}
     for name, backend in table.items():
-        reasons = backend.refuse(p)
+        reasons = _refusals(backend, p)
         if name in GPU_ONLY_FOR_AUTO and not p.z.is_cuda:
             reasons = reasons or [f"auto uses {name} for CUDA tensors only"]
         if not reasons:

@@ -4,6 +4,11 @@ The functional core (`acl_kernels.functional`) checks the user's arguments, reso
 conventions and builds a `LossProblem`; backends only compute. Notation follows README.md here:
 anchors are the first `n_anchor` rows of `z`; contrast columns are the `M = N + K` rows of
 `[z; queue]`, optionally preceded by `C` class-centre columns.
+
+Under a process group (acl_kernels.distributed) `z` holds the rows of every rank, anchors of all
+ranks first; `anchor_rows` are the anchors whose losses this process computes (their centre
+logits are the ones `centre_logits` holds) and `own_rows` the global indices of this process's
+rows, whose gradient it computes.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ class LossProblem:
     n_anchor: int
     queue: Tensor | None  # [K, d] extra contrast rows, same dtype as z
     queue_labels: Tensor | None  # [K] int64
-    centre_logits: Tensor | None  # [n_anchor, C] raw classifier logits u
+    centre_logits: Tensor | None  # [anchors, C] raw classifier logits u of the anchors p.anchors
     log_prior: Tensor | None  # [C] float32, added to u before dividing by supt
     num_classes: int  # C of the centre block (0 when there is none)
     mode: str  # "softmax" | "aligned"
@@ -36,6 +41,17 @@ class LossProblem:
     w_other: Tensor  # [M] fp32: denominator weight g_ij of sample column j when y_j != y_i
     w_same: Tensor  # [M] fp32: denominator weight g_ij of sample column j when y_j == y_i (j != i)
     pos_mask: Tensor | None = None  # [n_anchor, M] explicit positive weights (reference backend only)
+    anchor_rows: slice | None = None  # anchors computed here (default all); centre_logits holds their rows
+    own_rows: Tensor | None = None  # [n_own] int64 global rows of this process (None: single process)
+
+    @property
+    def anchors(self) -> slice:
+        """The anchor rows whose losses this process computes."""
+        return slice(0, self.n_anchor) if self.anchor_rows is None else self.anchor_rows
+
+    @property
+    def distributed(self) -> bool:
+        return self.own_rows is not None
 
     @property
     def n_rows(self) -> int:
@@ -65,30 +81,38 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def tile(
-    p: LossProblem, rows: slice, za: Tensor, zc: Tensor, yc: Tensor, centre: Tensor | None
+    p: LossProblem,
+    rows: slice,
+    za: Tensor,
+    zc: Tensor,
+    yc: Tensor,
+    centre: Tensor | None,
+    cols: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Logits and weights of anchor rows `rows` against every column.
+    """Logits and weights of anchor rows `rows` against every column (or the columns `cols`).
 
-    za: [c, d] the anchors of `rows`, zc: [M, d] all contrast rows, yc: [M] their labels, centre: the
-    [c, C] centre logits of these anchors (u + log prior) / supt, or None. Returns, each [c, C + M]:
-    logits `l`, denominator weights `g` (0 = not in the denominator), target weights `t` and the
-    positive indicator `pos` (bool). Centre columns come first.
+    za: [c, d] the anchors of `rows`, zc: [M', d] contrast rows, yc: [M'] their labels, cols: [M']
+    int64 indices of those columns among the M contrast columns (None: zc holds all M of them, in
+    order), centre: the [c, C] centre logits of these anchors (u + log prior) / supt, or None.
+    Returns, each [c, C + M']: logits `l`, denominator weights `g` (0 = not in the denominator),
+    target weights `t` and the positive indicator `pos` (bool). Centre columns come first.
     """
     ya = p.labels[rows]
     c = za.shape[0]
     l_s = (za @ zc.T) / p.temperature
     same = ya[:, None] == yc[None, :]
-    cols = torch.arange(yc.shape[0], device=za.device)
+    col_idx = torch.arange(yc.shape[0], device=za.device) if cols is None else cols
     anchor_idx = torch.arange(rows.start, rows.start + c, device=za.device)
-    is_self = cols[None, :] == anchor_idx[:, None]
-    w_same = p.w_same.to(l_s.dtype)
-    w_other = p.w_other.to(l_s.dtype)
+    is_self = col_idx[None, :] == anchor_idx[:, None]
+    w_same = (p.w_same if cols is None else p.w_same[cols]).to(l_s.dtype)
+    w_other = (p.w_other if cols is None else p.w_other[cols]).to(l_s.dtype)
     g_s = torch.where(same, w_same[None, :], w_other[None, :]).masked_fill(is_self, 0.0)
     if p.pos_mask is None:
         pos_s = same & ~is_self
         t_s = pos_s.to(l_s.dtype) * p.alpha
     else:
-        t_s = p.pos_mask[rows].to(l_s.dtype).masked_fill(is_self, 0.0) * p.alpha
+        mask = p.pos_mask[rows] if cols is None else p.pos_mask[rows][:, cols]
+        t_s = mask.to(l_s.dtype).masked_fill(is_self, 0.0) * p.alpha
         pos_s = t_s != 0
     if centre is None:
         return l_s, g_s, t_s, pos_s
@@ -109,10 +133,11 @@ def tile(
 
 
 def centre_block(p: LossProblem, rows: slice, dtype: torch.dtype) -> Tensor | None:
-    """[c, C] centre logits (u + log prior) / supt of anchor rows `rows`, or None."""
+    """[c, C] centre logits (u + log prior) / supt of anchor rows `rows` (within p.anchors), or None."""
     if p.centre_logits is None:
         return None
-    u = p.centre_logits[rows].to(dtype)
+    first = p.anchors.start
+    u = p.centre_logits[rows.start - first : rows.stop - first].to(dtype)
     if p.log_prior is not None:
         u = u + p.log_prior.to(dtype)
     return u / p.supt
