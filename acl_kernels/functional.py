@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from . import checks
+from . import checks, distributed
 from .dispatch import select
 from .ops.contrastive.problem import MODES, LossProblem
 
@@ -64,6 +69,7 @@ def contrastive_loss(
     reduction: str = "mean",
     impl: str = "auto",
     check_finite: bool = True,
+    process_group=None,
 ) -> Tensor:
     """Supervised contrastive loss over L2-normalised rows (SupCon / PaCo / GPaCo / ACL core).
 
@@ -85,9 +91,143 @@ def contrastive_loss(
     reduction: "mean" over anchors (anchors without a positive count as 0) | "sum" | "none" ([n_anchor]).
     impl: "auto" | "triton" | "torch" | "reference" (see acl_kernels.dispatch).
     check_finite: raise on NaN/Inf inputs (one device sync); turn off for speed.
+    process_group: a torch.distributed group (e.g. torch.distributed.group.WORLD): the loss of the
+        global batch. Each rank passes its local rows (features, labels, n_anchor, centre_logits of
+        its anchors); anchors and contrasts span every rank's rows, anchors of all ranks counting as
+        the anchors (as one process on the concatenation of each rank's anchors, then each rank's
+        other rows, then the queue). Local sizes may differ; ranks must agree on d, dtype and every
+        setting, else all raise ValueError. The queue is replicated (the caller's, identical on every
+        rank) and must not require grad. Returns the global "mean"/"sum" on every rank, or for
+        "none" the losses of this rank's anchors. Gradient convention: the gradient reaching this
+        rank's features / centre_logits is world_size x dJ/d(them), J = the sum over ranks of each
+        rank's objective (for "mean"/"sum": J = the returned loss), so that DistributedDataParallel's
+        average over ranks gives each parameter exactly the single-process gradient of the
+        concatenated batch; divide by world_size if you sum gradients instead of averaging them.
+        Backward runs one all_gather on the group (every rank must call it). Traffic: O(N d + N)
+        bytes per step (acl_kernels.distributed). impl "torch" and "reference" support it.
 
     Returns the loss in fp32 (fp64 for fp64 inputs).
     """
+    kwargs = dict(
+        mode=mode,
+        temperature=temperature,
+        base_temperature=base_temperature,
+        n_anchor=n_anchor,
+        queue=queue,
+        queue_labels=queue_labels,
+        centre_logits=centre_logits,
+        log_prior=log_prior,
+        supt=supt,
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+        smooth=smooth,
+        negative_weight=negative_weight,
+        class_prior=class_prior,
+        kappa=kappa,
+        pos_mask=pos_mask,
+        reduction=reduction,
+        check_finite=check_finite,
+    )
+    if process_group is None:
+        checked = _check(features, labels, **kwargs)
+        losses = select(impl, checked.problem).run(checked.problem)
+        return _reduce(losses, checked.reduction)
+    return _global_loss(features, labels, kwargs, impl, process_group)
+
+
+class _Checked(NamedTuple):
+    problem: LossProblem  # of the rows given (column weights from their labels)
+    reduction: str
+    weigh: Callable[[Tensor], tuple[Tensor, Tensor]]  # column labels -> (w_other, w_same)
+
+
+def _reduce(losses: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses
+
+
+# Settings every rank of a process group must share (checked by acl_kernels.distributed.agree).
+GROUP_SETTINGS = (
+    *("mode", "temperature", "loss_scale", "alpha", "beta", "gamma", "supt", "smooth", "negative_weight"),
+    *("kappa", "class_prior", "num_classes", "log_prior", "queue rows K", "reduction", "impl"),
+)
+
+
+def _global_loss(features: Tensor, labels: Tensor, kwargs: dict, impl: str, group) -> Tensor:
+    """contrastive_loss over the rows of every rank of `group` (see its docstring)."""
+
+    def check():
+        checked = _check(features, labels, **kwargs)
+        p = checked.problem
+        if p.pos_mask is not None:
+            raise ValueError("pos_mask (SupCon `mask=`) is not supported with a process_group; pass labels")
+        if p.queue is not None and p.queue.requires_grad:
+            raise ValueError(
+                "under a process_group the queue is a replicated constant and gets no gradient: pass queue.detach()"
+            )
+        weigh = checked.weigh.keywords
+        weights = {k: weigh[k] for k in ("gamma", "kappa", "class_prior")}
+        settings = dict(vars(p).items(), **weights, negative_weight=weigh["kind"], reduction=checked.reduction)
+        settings.update({"queue rows K": 0 if p.queue is None else p.queue.shape[0], "impl": impl})
+        return checked, p.z, p.n_anchor, settings
+
+    checked, layout = distributed.agree(group, check, GROUP_SETTINGS)
+    local = checked.problem
+    z = distributed.scale_grad(local.z, layout.world)
+    centre = distributed.scale_grad(local.centre_logits, layout.world)
+    z_all = layout.gather_rows(local.z.detach())
+    labels_all = layout.gather_rows(local.labels.to(torch.int32)).long()
+    yc = labels_all if local.queue_labels is None else torch.cat([labels_all, local.queue_labels])
+    w_other, w_same = checked.weigh(yc)
+    p = dataclasses.replace(
+        local,
+        z=z_all,
+        labels=labels_all,
+        n_anchor=layout.n_anchor,
+        centre_logits=centre,
+        w_other=w_other,
+        w_same=w_same,
+        anchor_rows=layout.own_anchors,
+        own_rows=layout.own_rows(z_all.device),
+    )
+    mine, every = distributed.global_losses(select(impl, p), p, layout, z, centre)
+    if checked.reduction == "none":
+        return mine
+    # the value of every anchor, the gradient of this rank's own anchors (the others' reach their ranks)
+    own = mine.sum()
+    total = every.sum() + (own - own.detach())
+    return total / layout.n_anchor if checked.reduction == "mean" else total
+
+
+def _check(
+    features: Tensor,
+    labels: Tensor,
+    *,
+    mode: str = "softmax",
+    temperature: float = 0.07,
+    base_temperature: float | None = None,
+    n_anchor: int | None = None,
+    queue: Tensor | None = None,
+    queue_labels: Tensor | None = None,
+    centre_logits: Tensor | None = None,
+    log_prior: Tensor | None = None,
+    supt: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    smooth: float = 0.0,
+    negative_weight: str = "none",
+    class_prior: Tensor | None = None,
+    kappa: float = 1.0,
+    pos_mask: Tensor | None = None,
+    reduction: str = "mean",
+    check_finite: bool = True,
+) -> _Checked:
+    """Check and normalise the arguments of `contrastive_loss`; the problem of the rows given."""
     features = checks.tensor("features", features, ndim=2, floating=True)
     n, d = features.shape
     if n == 0 or d == 0:
@@ -169,15 +309,22 @@ def contrastive_loss(
             raise ValueError(f"class_prior has {class_prior.shape[0]} classes but a label is {int(yc.max())}")
         if not bool((class_prior > 0).all()):
             raise ValueError("class_prior must be > 0 for every class")
-    w_other, w_same = column_weights(
-        yc, negative_weight, gamma, num_classes, centre_logits is not None, class_prior, kappa
-    )
     if pos_mask is not None:
         pos_mask = checks.tensor("pos_mask", pos_mask, ndim=2)
         if tuple(pos_mask.shape) != (n_anchor, n + k):
             raise ValueError(f"pos_mask must have shape [{n_anchor}, {n + k}], got {tuple(pos_mask.shape)}")
         checks.same_device("pos_mask", pos_mask, features, "features")
 
+    weigh = functools.partial(
+        column_weights,
+        kind=negative_weight,
+        gamma=gamma,
+        num_classes=num_classes,
+        has_centres=centre_logits is not None,
+        class_prior=class_prior,
+        kappa=kappa,
+    )
+    w_other, w_same = weigh(yc)
     problem = LossProblem(
         z=features,
         labels=labels,
@@ -198,9 +345,4 @@ def contrastive_loss(
         w_same=w_same,
         pos_mask=pos_mask,
     )
-    losses = select(impl, problem).run(problem)
-    if reduction == "mean":
-        return losses.mean()
-    if reduction == "sum":
-        return losses.sum()
-    return losses
+    return _Checked(problem, reduction, weigh)

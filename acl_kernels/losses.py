@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import checks
+from . import checks, distributed
 from .functional import contrastive_loss
 
 
@@ -24,15 +24,20 @@ class SupConLoss(nn.Module):
     forward(features [bsz, n_views, ...] unit rows, labels [bsz] or mask [bsz, bsz] or neither
     (SimCLR)). Anchors without a positive contribute 0 and count in the mean, as the current
     official code does. An explicit `mask` is computed by the reference backend.
+    process_group: a torch.distributed group: the loss of the global batch over every rank's rows
+    (each rank passes its local inputs; see `contrastive_loss` for the layout and the gradient
+    convention: DistributedDataParallel's average gives the single-process gradient). Without
+    labels (SimCLR) each image is its own class across ranks; `mask` is refused under a group.
     """
 
     def __init__(self, temperature: float = 0.07, contrast_mode: str = "all", base_temperature: float = 0.07,
-                 impl: str = "auto"):
+                 impl: str = "auto", process_group=None):
         super().__init__()
         self.temperature = temperature
         self.contrast_mode = checks.choice("contrast_mode", contrast_mode, ("all", "one"))
         self.base_temperature = base_temperature
         self.impl = impl
+        self.process_group = process_group
 
     def forward(self, features: Tensor, labels: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         z = _views_to_rows("features", features)
@@ -48,7 +53,10 @@ class SupConLoss(nn.Module):
             pos_mask = mask.to(device=z.device, dtype=torch.float32).repeat(anchors, n_views)
             labels = torch.zeros(bsz, dtype=torch.long, device=z.device)
         elif labels is None:
-            labels = torch.arange(bsz, device=z.device)
+            first = 0
+            if self.process_group is not None:
+                first = distributed.row_offset(bsz, self.process_group, z.device)
+            labels = torch.arange(first, first + bsz, device=z.device)
         else:
             labels = checks.tensor("labels", labels, floating=False).reshape(-1)
             if labels.shape[0] != bsz:
@@ -61,6 +69,7 @@ class SupConLoss(nn.Module):
             n_anchor=bsz if self.contrast_mode == "one" else None,
             pos_mask=pos_mask,
             impl=self.impl,
+            process_group=self.process_group,
         )
 
 
@@ -106,13 +115,18 @@ class PaCoLoss(_CentreLoss):
     class centre is a positive of weight beta, sample positives weigh alpha, the sample block is
     scaled by gamma in the denominator. After `cal_weight_for_classes`, log(pi) is added to the
     centre logits (logit compensation).
+    process_group: a torch.distributed group: the loss of the global batch over every rank's rows
+    (each rank passes its local inputs; see `contrastive_loss` for the layout and the gradient
+    convention: DistributedDataParallel's average gives the single-process gradient).
+    Under a group the anchors are the query rows of every rank, the queue rows (replicated, the
+    caller's) get no gradient.
     """
 
     anchors_are_queries_only = True
 
     def __init__(self, alpha: float, beta: float = 1.0, gamma: float = 1.0, supt: float = 1.0,
                  temperature: float = 1.0, base_temperature: float | None = None, K: int = 128,
-                 num_classes: int = 1000, smooth: float = 0.0, impl: str = "auto"):
+                 num_classes: int = 1000, smooth: float = 0.0, impl: str = "auto", process_group=None):
         super().__init__(num_classes)
         self.alpha, self.beta, self.gamma, self.supt = alpha, beta, gamma, supt
         self.temperature = temperature
@@ -122,6 +136,7 @@ class PaCoLoss(_CentreLoss):
         self.K = K
         self.smooth = smooth
         self.impl = impl
+        self.process_group = process_group
 
     def forward(self, features: Tensor, labels: Tensor | None = None, sup_logits: Tensor | None = None) -> Tensor:
         features = checks.tensor("features", features, ndim=2, floating=True)
@@ -135,10 +150,13 @@ class PaCoLoss(_CentreLoss):
             raise ValueError("labels is required")
         labels = checks.labels("labels", labels, features.shape[0], features, self.num_classes)
         n_anchor = rows // 2 if self.anchors_are_queries_only else rows
+        queue = features[rows:] if self.K else None
+        if queue is not None and self.process_group is not None:
+            queue = queue.detach()
         return contrastive_loss(
             features[:rows],
             labels[:rows],
-            queue=features[rows:] if self.K else None,
+            queue=queue,
             queue_labels=labels[rows:] if self.K else None,
             n_anchor=n_anchor,
             centre_logits=self._check_sup_logits(sup_logits, n_anchor),
@@ -151,6 +169,7 @@ class PaCoLoss(_CentreLoss):
             gamma=self.gamma,
             smooth=self.smooth,
             impl=self.impl,
+            process_group=self.process_group,
         )
 
 
@@ -165,8 +184,9 @@ class GPaCoLoss(PaCoLoss):
 
     def __init__(self, alpha: float, beta: float = 1.0, gamma: float = 1.0, supt: float = 1.0,
                  temperature: float = 1.0, base_temperature: float | None = None, K: int = 8192,
-                 num_classes: int = 1000, smooth: float = 0.0, impl: str = "auto"):
-        super().__init__(alpha, beta, gamma, supt, temperature, base_temperature, K, num_classes, smooth, impl)
+                 num_classes: int = 1000, smooth: float = 0.0, impl: str = "auto", process_group=None):
+        super().__init__(alpha, beta, gamma, supt, temperature, base_temperature, K, num_classes, smooth, impl,
+                         process_group)
 
 
 class ACLLoss(_CentreLoss):
@@ -193,12 +213,16 @@ class ACLLoss(_CentreLoss):
     forward(features [bsz, n_views, d] unit rows (any n_views >= 1), labels [bsz],
             sup_logits [bsz, n_views, C] or None (no centre block),
             queue [K, d] and queue_labels [K] or None).
+    process_group: a torch.distributed group: the loss of the global batch over every rank's rows
+    (each rank passes its local inputs; see `contrastive_loss` for the layout and the gradient
+    convention: DistributedDataParallel's average gives the single-process gradient). The
+        queue must be detached under a group.
     """
 
     def __init__(self, num_classes: int, temperature: float = 0.2, base_temperature: float | None = None,
                  alpha: float = 0.05, beta: float = 1.0, gamma: float = 1.0, supt: float = 1.0,
                  negative_weight: str = "batch", kappa: float = 1.0, logit_adjust: bool = True,
-                 impl: str = "auto"):
+                 impl: str = "auto", process_group=None):
         super().__init__(num_classes)
         self.temperature = temperature
         self.base_temperature = base_temperature
@@ -207,6 +231,7 @@ class ACLLoss(_CentreLoss):
         self.kappa = kappa
         self.logit_adjust = logit_adjust
         self.impl = impl
+        self.process_group = process_group
 
     def forward(self, features: Tensor, labels: Tensor, sup_logits: Tensor | None = None,
                 queue: Tensor | None = None, queue_labels: Tensor | None = None) -> Tensor:
@@ -242,4 +267,5 @@ class ACLLoss(_CentreLoss):
             class_prior=None if self.weight is None else self.weight.reshape(-1),
             kappa=self.kappa,
             impl=self.impl,
+            process_group=self.process_group,
         )
