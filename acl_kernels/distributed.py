@@ -2,16 +2,22 @@
 
 Each rank passes its local rows; anchors and contrasts span the rows of every rank. The global
 rows are laid out with the anchors of every rank first (rank order), then the non-anchor rows of
-every rank, then the queue, so the anchors stay a prefix as the loss core expects. Per step, with
-W ranks, n^ = max local rows, a^ = max local anchors, s = bytes per feature element, c = 4 (8 for
-fp64 inputs) and F = 5 + the number of checked settings, each rank receives through all_gather
+every rank, then the queue (replicated: the caller's), so the anchors stay a prefix as the loss
+core expects. Per step, with W ranks, n^ = max local rows, a^ = max local anchors, s = bytes per
+feature element, c = 4 (8 for fp64 inputs) and F = 5 + len(functional.GROUP_SETTINGS) = 21, each
+rank receives through all_gather
 
     W * (8 F  +  n^ (d s + 4)  +  5 a^ c)   bytes in forward:  settings, features + int32 labels,
                                                                per-anchor statistics and losses,
     W * a^ c                                bytes in backward: upstream gradient of every anchor,
 
-that is O(N d + N); nothing N x N and no gradient reduce-scatter (ops/contrastive/README.md,
-"Across processes"). Only the reference backend (the test oracle) all-reduces an N x d gradient.
+that is O(N d + N), plus W * 8 bytes when SupConLoss numbers SimCLR images across ranks; nothing
+N x N and no gradient reduce-scatter (ops/contrastive/README.md, "Across processes"). Only the
+reference backend (the test oracle) all-reduces an N x d gradient instead.
+
+Every rank must call forward and backward: backward runs one all_gather on the group, issued at
+the same point of the same autograd graph on every rank. To keep it off the group that
+DistributedDataParallel reduces gradients on, pass the loss its own group (dist.new_group()).
 """
 
 from __future__ import annotations

@@ -170,9 +170,10 @@ def _global_loss(features: Tensor, labels: Tensor, kwargs: dict, impl: str, grou
                 "under a process_group the queue is a replicated constant and gets no gradient: pass queue.detach()"
             )
         weigh = checked.weigh.keywords
-        weights = {k: weigh[k] for k in ("gamma", "kappa", "class_prior")}
-        settings = dict(vars(p).items(), **weights, negative_weight=weigh["kind"], reduction=checked.reduction)
-        settings.update({"queue rows K": 0 if p.queue is None else p.queue.shape[0], "impl": impl})
+        settings = {k: getattr(p, k) for k in GROUP_SETTINGS if hasattr(p, k)}
+        settings.update({k: weigh[k] for k in ("gamma", "kappa", "class_prior")}, negative_weight=weigh["kind"])
+        settings.update({"queue rows K": 0 if p.queue is None else p.queue.shape[0]})
+        settings.update(reduction=checked.reduction, impl=impl)
         return checked, p.z, p.n_anchor, settings
 
     checked, layout = distributed.agree(group, check, GROUP_SETTINGS)

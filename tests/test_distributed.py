@@ -165,6 +165,23 @@ def check_against_one_process(rank, world, seed, sizes):
             case(rank, world, torch.Generator().manual_seed(seed + i), impl, sizes, **kw)
 
 
+def check_half(rank, world, seed, sizes):
+    """bf16 rows travel as bf16 and are accumulated in fp32: only summation order and the bf16
+    rounding of the gradient differ from one process."""
+    gen = torch.Generator().manual_seed(seed)
+    own = slices(sizes)[rank]
+    feats = unit_rows(sum(sizes), 2, 32, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    labels = torch.randint(0, 3, (sum(sizes),), generator=gen)
+    full = SupConLoss(temperature=0.1, impl="torch")(feats, labels)
+    full.backward()
+    mine = local_leaf(feats, own)
+    got = SupConLoss(temperature=0.1, impl="torch", process_group=dist.new_group())(mine, labels[own])
+    got.backward()
+    assert mine.grad.dtype == torch.bfloat16
+    assert_close(got, full, 1e-5, "bf16 loss")
+    assert_close(mine.grad.float() / world, feats.grad[own].float(), 1e-2, "bf16 features")
+
+
 # ---------------------------------------------------------------- a DDP step
 
 
@@ -313,6 +330,7 @@ def test_two_processes(tmp_path, seed):
         ("check_against_one_process", (sizes,)),
         ("check_ddp_step", (sizes,)),
         ("check_volume", (sizes,)),
+        ("check_half", (sizes,)),
         ("check_errors", ()),
     ])
 
