@@ -111,8 +111,9 @@ def case_acl(rank, world, gen, impl, sizes, weighting):
     counts = torch.randint(1, 300, (c,), generator=gen).tolist()
 
     def loss(group):
-        m = ACLLoss(c, temperature=0.15, alpha=0.3, negative_weight=weighting, kappa=0.7, impl=impl,
-                    process_group=group)
+        m = ACLLoss(
+            c, temperature=0.15, alpha=0.3, negative_weight=weighting, kappa=0.7, impl=impl, process_group=group
+        )
         m.cal_weight_for_classes(counts)
         return m
 
@@ -139,8 +140,14 @@ def case_functional_none(rank, world, gen, impl, sizes):
     full.backward(up)
     own = slices(sizes)[rank]
     ma, mb, mu = local_leaf(z_a, own), local_leaf(z_b, own), local_leaf(u, own)
-    got = contrastive_loss(torch.cat([ma, mb]), torch.cat([y_a[own], y_b[own]]), n_anchor=sizes[rank],
-                           centre_logits=mu, process_group=dist.group.WORLD, **kw)
+    got = contrastive_loss(
+        torch.cat([ma, mb]),
+        torch.cat([y_a[own], y_b[own]]),
+        n_anchor=sizes[rank],
+        centre_logits=mu,
+        process_group=dist.group.WORLD,
+        **kw,
+    )
     assert got.shape == (sizes[rank],)
     assert_close(got, full[own], RTOL, "none losses")
     got.backward(up[own])
@@ -256,8 +263,19 @@ def check_errors(rank, world, seed):
 class CountingCollectives:
     """Wraps torch.distributed's collectives: bytes each rank receives, per collective."""
 
-    NAMES = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter", "reduce_scatter_tensor",
-             "broadcast", "all_to_all", "all_to_all_single", "gather", "scatter", "reduce")
+    NAMES = (
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_reduce",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "broadcast",
+        "all_to_all",
+        "all_to_all_single",
+        "gather",
+        "scatter",
+        "reduce",
+    )
 
     def __init__(self):
         self.bytes = {}
@@ -315,8 +333,9 @@ def _worker(rank, world, store, seed, checks):
 
 
 def spawn(world, tmp_path, seed, checks):
-    mp.start_processes(_worker, args=(world, str(tmp_path / "store"), seed, checks), nprocs=world,
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(world, str(tmp_path / "store"), seed, checks), nprocs=world, join=True, start_method="spawn"
+    )
 
 
 @pytest.fixture
@@ -326,19 +345,29 @@ def seed(rng):
 
 def test_two_processes(tmp_path, seed):
     sizes = [5, 3]  # uneven local batches
-    spawn(2, tmp_path, seed, [
-        ("check_against_one_process", (sizes,)),
-        ("check_ddp_step", (sizes,)),
-        ("check_volume", (sizes,)),
-        ("check_half", (sizes,)),
-        ("check_errors", ()),
-    ])
+    spawn(
+        2,
+        tmp_path,
+        seed,
+        [
+            ("check_against_one_process", (sizes,)),
+            ("check_ddp_step", (sizes,)),
+            ("check_volume", (sizes,)),
+            ("check_half", (sizes,)),
+            ("check_errors", ()),
+        ],
+    )
 
 
 def test_three_processes(tmp_path, seed):
     sizes = [4, 1, 3]  # a rank with a single image
-    spawn(3, tmp_path, seed, [
-        ("check_against_one_process", (sizes,)),
-        ("check_ddp_step", (sizes,)),
-        ("check_volume", (sizes,)),
-    ])
+    spawn(
+        3,
+        tmp_path,
+        seed,
+        [
+            ("check_against_one_process", (sizes,)),
+            ("check_ddp_step", (sizes,)),
+            ("check_volume", (sizes,)),
+        ],
+    )
