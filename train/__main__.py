@@ -1,0 +1,27 @@
+"""`python -m train --config train/configs/<name>.yaml [--key value ...]` (console script `acl-train`)."""
+
+from __future__ import annotations
+
+import sys
+
+from .config import ConfigError, resolve
+from .datasets import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = resolve(argv)
+        from .engine import train
+
+        report = train(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if report:
+        print(f"final ({cfg['name']}): top-1 {report['top1']:.2f} | Many {report['many']:.2f} | "
+              f"Medium {report['medium']:.2f} | Few {report['few']:.2f} | best top-1 {report['best_top1']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

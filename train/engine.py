@@ -1,0 +1,385 @@
+"""The training loop: data checks, model, SGD with warm-up + cosine/step, AMP, DDP, checkpoints, evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import config as config_mod
+from .data import _mix_seed, make_loader
+from .datasets import check_shards, class_counts, prepare
+from .metrics import accuracy_report
+from .models import Model
+from .objective import PROJECTING, Objective, _unwrap
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# ----------------------------------------------------------------------------------- set-up
+
+
+def setup_distributed(cfg: dict) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). torchrun's environment starts DDP: NCCL on GPU, gloo on CPU."""
+    want_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    return rank, world, device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def lr_at(cfg: dict, epoch: int, step: int, steps: int) -> float:
+    """Linear warm-up per step over warmup_epochs, then cosine to 0 or x0.1 at each of lr_steps."""
+    t = epoch + step / steps
+    warm = cfg["warmup_epochs"]
+    if t < warm:
+        return cfg["lr"] * (epoch * steps + step + 1) / (warm * steps)
+    if cfg["schedule"] == "step":
+        return cfg["lr"] * 0.1 ** sum(epoch >= s for s in cfg["lr_steps"])
+    return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (t - warm) / max(cfg["epochs"] - warm, 1e-8)))
+
+
+def autocast_factory(cfg: dict, device: torch.device):
+    mode = cfg["amp"]
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "none"
+    if mode == "none":
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _Stop:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and stops."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = None
+        with contextlib.suppress(ValueError):  # not the main thread: no handler
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def requested(self, device: torch.device) -> bool:
+        if not dist.is_initialized():
+            return self.flag
+        t = torch.tensor([float(self.flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(t.item())
+
+
+# ------------------------------------------------------------------------------------ logs
+
+
+class Logs:
+    """metrics.csv (one row per epoch), per_class.csv (per-class top-1 per epoch), TensorBoard (rank 0)."""
+
+    FIELDS = ("epoch", "lr", "loss", "top1", "many", "medium", "few", "images_per_s", "epoch_s")
+
+    def __init__(self, out: Path, cfg: dict, num_classes: int, start_epoch: int, active: bool):
+        self.active = active
+        self.out = out
+        self.tb = None
+        if not active:
+            return
+        self.metrics = out / "metrics.csv"
+        self.per_class = out / "per_class.csv"
+        # resuming: drop rows of epochs that will run again
+        for path, header in ((self.metrics, list(self.FIELDS)),
+                             (self.per_class, ["epoch"] + [f"class_{c}" for c in range(num_classes)])):
+            rows = []
+            if start_epoch > 0 and path.is_file():
+                with open(path, newline="") as f:
+                    rows = [r for r in csv.reader(f)][1:]
+                rows = [r for r in rows if r and int(r[0]) <= start_epoch]
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerows([header] + rows)
+        if cfg["tensorboard"]:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"), purge_step=start_epoch or None)
+            except ImportError:
+                print("tensorboard is not installed: no TensorBoard logs")
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_scalar(tag, value, step)
+
+    def epoch(self, row: dict, per_class: np.ndarray | None) -> None:
+        if not self.active:
+            return
+        with open(self.metrics, "a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row.get(k, "")) for k in self.FIELDS])
+        if per_class is not None:
+            with open(self.per_class, "a", newline="") as f:
+                csv.writer(f).writerow([row["epoch"]] + [_fmt(a) for a in per_class])
+        for k in self.FIELDS[1:]:
+            if isinstance(row.get(k), float) and not math.isnan(row[k]):
+                self.scalar(f"epoch/{k}", row[k], row["epoch"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def plot_curves(out: Path) -> Path | None:
+    """curves.png from metrics.csv: training loss, and top-1 overall / Many / Medium / Few per epoch."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+
+    def col(k):
+        return [float(r[k]) if r[k] not in ("", "nan") else float("nan") for r in rows]
+
+    ep = [int(r["epoch"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, col("loss"))
+    a.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for k in ("top1", "many", "medium", "few"):
+        b.plot(ep, col(k), label=k)
+    b.set(xlabel="epoch", ylabel="top-1 (%)", title="evaluation")
+    b.legend()
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------- loop
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: dict, val, num_classes: int, train_counts, rank: int, world: int,
+             device: torch.device, autocast) -> dict:
+    """Top-1 of the raw classifier (no logit compensation) on this rank's shard, summed over ranks."""
+    net = _unwrap(model)
+    net.eval()
+    correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    total = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    loader = make_loader(cfg, val, train=False, epoch=0, rank=rank, world=world, device=device)
+    for i, (views, labels) in enumerate(loader):
+        if cfg["max_eval_batches"] and i >= cfg["max_eval_batches"]:
+            break
+        x = views[0].to(device)
+        if cfg["_channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits, _ = net(x, project=False)
+        labels = labels.to(device)
+        hit = (logits.argmax(1) == labels).double()
+        correct += torch.bincount(labels, weights=hit, minlength=num_classes)
+        total += torch.bincount(labels, minlength=num_classes).double()
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+        dist.all_reduce(total)
+    net.train()
+    return accuracy_report(correct.cpu().numpy(), total.cpu().numpy(), train_counts)
+
+
+def train(cfg: dict) -> dict:
+    """Run (or resume) a training run; returns the last evaluation report (rank 0's view)."""
+    rank, world, device = setup_distributed(cfg)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    if cfg["batch_size"] % world:
+        raise config_mod.ConfigError(f"batch_size={cfg['batch_size']} must be divisible by the {world} ranks")
+    out = config_mod.run_dir(cfg)
+    main = rank == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        config_mod.save(cfg, out / "config.yaml")
+
+    # data: rank 0 builds the cache (MNIST-LT / CIFAR-LT) first; every rank runs all checks
+    if main:
+        train_split, val_split, num_classes = prepare(cfg)
+    barrier()
+    if not main:
+        train_split, val_split, num_classes = prepare(cfg)
+    counts = class_counts(train_split, num_classes)
+    batch = cfg["batch_size"] // world
+    steps = check_shards(len(train_split), len(val_split), world, batch)
+    if cfg["max_steps"]:
+        steps = min(steps, cfg["max_steps"])
+
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
+    model = Model(cfg["arch"], num_classes, cfg["head"], cfg["proj_dim"] if cfg["loss"] in PROJECTING else 0,
+                  cfg["pretrained"]).to(device)
+    channels_last = cfg["channels_last"] in (True, "true") or (cfg["channels_last"] == "auto" and device.type == "cuda")
+    cfg["_channels_last"] = channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg["sync_bn"] and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    objective = Objective(cfg, model, counts, num_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                weight_decay=cfg["weight_decay"])
+    autocast, scaler = autocast_factory(cfg, device)
+
+    start_epoch, start_step, best = 0, 0, -1.0
+    resume = cfg["resume"]
+    if resume == "auto":
+        resume = str(out / CHECKPOINT) if (out / CHECKPOINT).is_file() else ""
+    if resume:
+        ck = torch.load(resume, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        objective.load_state_dict(ck["objective"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        start_epoch, start_step, best = ck["epoch"], ck["step"], ck["best_top1"]
+        if main:
+            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step}")
+
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        net = torch.compile(net)
+
+    logs = Logs(out, cfg, num_classes, start_epoch, main)
+    stop = _Stop()
+
+    def checkpoint(epoch: int, step: int) -> None:
+        if main:
+            save_atomic({"model": model.state_dict(), "objective": objective.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                         "epoch": epoch, "step": step, "best_top1": best, "num_classes": num_classes,
+                         "config": {k: cfg[k] for k in config_mod.DEFAULTS}}, out / CHECKPOINT)
+        barrier()
+
+    if main:
+        groups = np.bincount(np.where(counts > 100, 0, np.where(counts >= 20, 1, 2)), minlength=3)
+        print(f"{cfg['name']}: {len(train_split)} training images, {num_classes} classes "
+              f"(Many/Medium/Few = {groups[0]}/{groups[1]}/{groups[2]}), {len(val_split)} for evaluation; "
+              f"{world} rank(s) on {device.type}, {steps} steps of {cfg['batch_size']} per epoch, "
+              f"loss={cfg['loss']}, data_loader={cfg['data_loader']}, output {out}")
+    report: dict = {}
+    try:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            skip = start_step if epoch == start_epoch else 0
+            torch.manual_seed(_mix_seed(cfg["seed"], epoch, rank))
+            loader = make_loader(cfg, train_split, train=True, epoch=epoch, rank=rank, world=world, device=device,
+                                 skip=skip)
+            net.train()
+            t0, seen, loss_sum, n_loss = time.perf_counter(), 0, torch.zeros((), device=device), 0
+            bar = _progress(main and cfg["progress"], steps - skip, f"epoch {epoch + 1}/{cfg['epochs']}")
+            step = skip
+            for views, labels in loader:
+                if step >= steps:
+                    break
+                lr = lr_at(cfg, epoch, step, steps)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                if channels_last:
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                loss = objective(net, views, labels.to(device), autocast)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                step += 1
+                loss_sum += loss.detach()
+                n_loss += 1
+                seen += labels.shape[0] * world
+                if bar is not None:
+                    bar.update(1)
+                    if step % 10 == 0 or step == steps:
+                        rate = seen / (time.perf_counter() - t0)
+                        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+                        logs.scalar("train/loss", loss.item(), epoch * steps + step)
+                        logs.scalar("train/images_per_s", rate, epoch * steps + step)
+                if stop.requested(device):
+                    if bar is not None:
+                        bar.close()
+                    checkpoint(epoch, step)
+                    if main:
+                        print(f"SIGTERM: checkpoint saved at epoch {epoch}, step {step} in {out / CHECKPOINT}; "
+                              f"continue with --resume auto")
+                    raise SystemExit(143)
+            if bar is not None:
+                bar.close()
+            elapsed = time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch, max(step - 1, 0), steps),
+                   "loss": float(loss_sum) / max(n_loss, 1), "images_per_s": seen / elapsed, "epoch_s": elapsed}
+            per_class = None
+            if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
+                report = evaluate(net, cfg, val_split, num_classes, counts, rank, world, device, autocast)
+                row.update({k: report[k] for k in ("top1", "many", "medium", "few")})
+                per_class = report["per_class"]
+                best = max(best, report["top1"])
+            logs.epoch(row, per_class)
+            if main:
+                acc = (f" | top-1 {report['top1']:.2f} (Many {report['many']:.2f}, Medium {report['medium']:.2f}, "
+                       f"Few {report['few']:.2f})") if per_class is not None else ""
+                print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {row['loss']:.4f}, "
+                      f"{row['images_per_s']:.0f} img/s{acc}", flush=True)
+            checkpoint(epoch + 1, 0)
+    finally:
+        stop.restore()
+        logs.close()
+    if main and cfg["plot"]:
+        plot_curves(out)
+    if report:
+        report["best_top1"] = best
+    return report
+
+
+def _progress(active: bool, total: int, desc: str):
+    if not active:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, unit="step")

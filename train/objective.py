@@ -1,0 +1,135 @@
+"""The training objective: the loss switch, the MoCo key encoder and the queue of detached keys."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from acl_kernels import ACLLoss, GPaCoLoss, PaCoLoss, SupConLoss
+
+from .models import key_encoder, momentum_update
+
+PROJECTING = ("acl", "paco", "gpaco", "supcon")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _group_kwargs(cls) -> dict:
+    """process_group=WORLD where the loss supports a global batch across ranks, else per-rank loss."""
+    if _distributed() and "process_group" in inspect.signature(cls.__init__).parameters:
+        return {"process_group": dist.group.WORLD}
+    return {}
+
+
+@torch.no_grad()
+def gather(x: Tensor) -> Tensor:
+    """Concatenate a no-grad tensor over ranks (keys for the queue)."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class Objective(nn.Module):
+    """loss(model, views, labels) for loss in acl | paco | gpaco | supcon | ce | la.
+
+    acl:    ACLLoss over all V views, centre logits of every view, optional queue.
+    paco:   view 0 through the model (queries), view 1 through the momentum key encoder, queue.
+    gpaco:  every view is an anchor, optional queue of detached projections.
+    supcon: CE on every view's logits + supcon_weight * SupCon.
+    ce, la: CE on every view's logits; la adds la_tau * log(prior) to the logits while training.
+    """
+
+    def __init__(self, cfg: dict, model: nn.Module, class_counts, num_classes: int):
+        super().__init__()
+        self.kind = cfg["loss"]
+        self.cfg = cfg
+        counts = torch.as_tensor(class_counts, dtype=torch.float32)
+        self.register_buffer("log_prior", torch.log(counts / counts.sum() + 1e-9), persistent=False)
+        common = dict(alpha=cfg["alpha"], beta=cfg["beta"], gamma=cfg["gamma"], supt=cfg["supt"],
+                      temperature=cfg["temperature"], num_classes=num_classes)
+        self.loss: nn.Module | None = None
+        if self.kind == "acl":
+            self.loss = ACLLoss(negative_weight=cfg["negative_weight"], kappa=cfg["kappa"],
+                                logit_adjust=cfg["logit_adjust"], impl=cfg["loss_impl"], **common,
+                                **_group_kwargs(ACLLoss))
+        elif self.kind in ("paco", "gpaco"):
+            cls = PaCoLoss if self.kind == "paco" else GPaCoLoss
+            self.loss = cls(K=0, smooth=cfg["smooth"], impl=cfg["loss_impl"], **common, **_group_kwargs(cls))
+        elif self.kind == "supcon":
+            self.loss = SupConLoss(temperature=cfg["temperature"], base_temperature=cfg["temperature"],
+                                   impl=cfg["loss_impl"], **_group_kwargs(SupConLoss))
+        if self.loss is not None and hasattr(self.loss, "cal_weight_for_classes") and (
+                cfg["logit_adjust"] or cfg["negative_weight"] == "prior"):
+            self.loss.cal_weight_for_classes(class_counts)
+        self.key_encoder = key_encoder(model) if self.kind == "paco" else None
+        k = cfg["queue_size"] if self.kind in ("acl", "paco", "gpaco") else 0
+        self.register_buffer("queue", torch.zeros(k, cfg["proj_dim"]))
+        self.register_buffer("queue_labels", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros(2, dtype=torch.long))  # (next slot, rows filled)
+
+    def _queue(self) -> tuple[Tensor, Tensor]:
+        n = int(self.queue_ptr[1])
+        return self.queue[:n], self.queue_labels[:n]
+
+    @torch.no_grad()
+    def _enqueue(self, keys: Tensor, labels: Tensor) -> None:
+        k = self.queue.shape[0]
+        if k == 0:
+            return
+        keys, labels = gather(keys.detach().float()), gather(labels)
+        keys, labels = keys[-k:], labels[-k:]
+        idx = (int(self.queue_ptr[0]) + torch.arange(keys.shape[0], device=keys.device)) % k
+        self.queue[idx] = keys
+        self.queue_labels[idx] = labels
+        self.queue_ptr[0] = (int(self.queue_ptr[0]) + keys.shape[0]) % k
+        self.queue_ptr[1] = min(k, int(self.queue_ptr[1]) + keys.shape[0])
+
+    def forward(self, model: nn.Module, views: list[Tensor], labels: Tensor, autocast) -> Tensor:
+        bsz, n_views = labels.shape[0], len(views)
+        if self.kind == "paco":
+            with autocast():
+                logits_q, q = model(views[0])
+                with torch.no_grad():
+                    momentum_update(self.key_encoder, _unwrap(model), self.cfg["moco_momentum"])
+                    _, k = self.key_encoder(views[1])
+            queue, queue_labels = self._queue()
+            self.loss.K = queue.shape[0]
+            loss = self.loss(torch.cat([q, k, queue]), torch.cat([labels, labels, queue_labels]), logits_q)
+            self._enqueue(k, labels)
+            return loss
+        with autocast():
+            logits, z = model(torch.cat(views), project=self.kind in PROJECTING)  # rows view-major
+        y = labels.repeat(n_views)
+        if self.kind == "ce":
+            return F.cross_entropy(logits, y)
+        if self.kind == "la":
+            return F.cross_entropy(logits + self.cfg["la_tau"] * self.log_prior, y)
+        if self.kind == "supcon":
+            zv = z.view(n_views, bsz, -1).transpose(0, 1)
+            return F.cross_entropy(logits, y) + self.cfg["supcon_weight"] * self.loss(zv, labels)
+        queue, queue_labels = self._queue()
+        if self.kind == "gpaco":
+            self.loss.K = queue.shape[0]
+            loss = self.loss(torch.cat([z, queue]), torch.cat([y, queue_labels]), logits)
+        else:
+            zv = z.view(n_views, bsz, -1).transpose(0, 1)
+            lv = logits.view(n_views, bsz, -1).transpose(0, 1)
+            has_q = queue.shape[0] > 0
+            loss = self.loss(zv, labels, lv, queue if has_q else None, queue_labels if has_q else None)
+        self._enqueue(z, y)
+        return loss
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
