@@ -77,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto | cpu | cuda
     "threads": 0,  # torch intra-op threads on CPU; 0: torch's default
     "resume": "",  # checkpoint path, or "auto": <run folder>/checkpoint.pt if it exists
+    "stop_at_epoch": 0,  # end the run after this epoch as if interrupted (split a long run into jobs); 0: never
     "max_steps": 0,  # stop each epoch after this many steps (smoke tests); 0: full epochs
     "max_eval_batches": 0,
     "eval_every": 1,

@@ -242,8 +242,9 @@ class _Cutout(torch.nn.Module):
     def forward(self, img):
         h, w = img.shape[-2:]
         cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        half = self.size // 2
         out = img.clone()
-        out[..., max(0, cy - self.size // 2) : cy + self.size // 2, max(0, cx - self.size // 2) : cx + self.size // 2] = 0
+        out[..., max(0, cy - half) : cy + half, max(0, cx - half) : cx + half] = 0
         return out
 
 

@@ -367,6 +367,10 @@ def train(cfg: dict) -> dict:
                 print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {row['loss']:.4f}, "
                       f"{row['images_per_s']:.0f} img/s{acc}", flush=True)
             checkpoint(epoch + 1, 0)
+            if cfg["stop_at_epoch"] and epoch + 1 == cfg["stop_at_epoch"] and epoch + 1 < cfg["epochs"]:
+                if main:
+                    print(f"stop_at_epoch={epoch + 1}: stopping; continue with --resume auto")
+                break
     finally:
         stop.restore()
         logs.close()
