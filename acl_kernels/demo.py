@@ -52,49 +52,63 @@ def preset_values(seed: int = 0) -> list[tuple[str, float, float]]:
 _CHILD = """
 import json, sys, time, torch, torch.nn.functional as F
 from acl_kernels import contrastive_loss
-n, d, repeats = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[6])
-impl, mode, what = sys.argv[3], sys.argv[4], sys.argv[5]
+n, d, mode, what, repeats = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+impls = sys.argv[6].split(',')
 def status(key):
     return max(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key))
 g = torch.Generator().manual_seed(0)
 z = F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
 y = torch.randint(0, 100, (n,), generator=g)
-def step(z, y):
+def step(z, y, impl):
     contrastive_loss(z, y, mode=mode, temperature=0.1, impl=impl).backward()
-step(z[:64].detach().requires_grad_(), y[:64])  # load code paths at a tiny size
+for impl in impls:
+    step(z[:64].detach().requires_grad_(), y[:64], impl)  # load code paths at a tiny size
 z.grad = torch.zeros_like(z)  # the gradient buffer counts as an input, not as loss memory
 if what == 'memory':
     base = status('VmRSS')
     open('/proc/self/clear_refs', 'w').write('5')  # reset the peak-RSS counter (VmHWM)
-    step(z, y)
-    print(json.dumps({'peak_extra_bytes': status('VmHWM') - base}))
+    step(z, y, impls[0])
+    print(json.dumps({impls[0]: status('VmHWM') - base}))
 else:
-    step(z, y)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); step(z, y); times.append(time.perf_counter() - t0)
-    print(json.dumps({'time_s': sorted(times)[len(times) // 2]}))
+    times = {impl: [] for impl in impls}
+    for i in range(repeats + 1):  # interleaved, so a change of machine load hits every impl alike
+        for impl in impls:
+            t0 = time.perf_counter(); step(z, y, impl); t = time.perf_counter() - t0
+            if i:  # the first round is a warm-up
+                times[impl].append(t)
+    print(json.dumps({impl: sorted(t)[len(t) // 2] for impl, t in times.items()}))
 """
 
 
-def _child(n: int, d: int, impl: str, mode: str, what: str, repeats: int, env: dict) -> dict:
-    args = [sys.executable, "-c", _CHILD, str(n), str(d), impl, mode, what, str(repeats)]
+def _child(n: int, d: int, mode: str, what: str, repeats: int, impls: list[str], env: dict) -> dict:
+    args = [sys.executable, "-c", _CHILD, str(n), str(d), mode, what, str(repeats), ",".join(impls)]
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
-        return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
+        raise RuntimeError(lines[-1] if lines else f"exit {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(n: int, d: int, impl: str, mode: str = "softmax", repeats: int = 3) -> dict:
-    """Median fwd+bwd time (after one warm-up step) and peak resident memory beyond the inputs of
-    the first step, each in a fresh process."""
-    result = _child(n, d, impl, mode, "time", repeats, dict(os.environ))
+def measure(n: int, d: int, mode: str = "softmax", repeats: int = 3,
+            impls: tuple[str, ...] = ("reference", "torch")) -> dict[str, dict]:
+    """Per impl: median fwd+bwd time over `repeats` interleaved steps (one process, after a warm-up
+    round) and the peak resident memory beyond the inputs of one step (a fresh process per impl).
+    A failure (e.g. out of memory) is recorded as {"error": message}."""
+    try:
+        times = _child(n, d, mode, "time", repeats, list(impls), dict(os.environ))
+    except RuntimeError as err:
+        return {impl: {"error": str(err)} for impl in impls}
     # A fixed mmap threshold makes glibc return freed tensors to the OS at once, so the peak RSS
     # follows the live tensors instead of the heap's high-water mark (slower: timed apart).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    memory = _child(n, d, impl, mode, "memory", 1, env)
-    return {**result, **memory} if "error" not in result else result
+    out = {}
+    for impl in impls:
+        try:
+            peak = _child(n, d, mode, "memory", 1, [impl], env)[impl]
+            out[impl] = {"time_s": times[impl], "peak_extra_bytes": peak}
+        except RuntimeError as err:
+            out[impl] = {"error": str(err)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,9 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'N':>7}{'impl':>11}{'time [s]':>11}{'peak [MiB]':>12}{'time ratio':>12}{'memory ratio':>14}")
     for n in args.sizes:
         started = time.perf_counter()
-        ref = measure(n, args.dim, "reference", repeats=args.repeats)
-        tor = measure(n, args.dim, "torch", repeats=args.repeats)
-        for impl, r in (("reference", ref), ("torch", tor)):
+        results = measure(n, args.dim, repeats=args.repeats)
+        ref = results["reference"]
+        for impl, r in results.items():
             if "error" in r:
                 print(f"{n:>7}{impl:>11}  failed: {r['error']}")
                 continue

@@ -35,9 +35,9 @@ def main() -> None:
                              "time_s", "peak_extra_mib", "time_vs_reference", "memory_vs_reference"])
         for mode in args.modes:
             for n in args.sizes:
-                ref = measure(n, args.dim, "reference", mode, args.repeats)
-                for impl in ("reference", "torch"):
-                    r = ref if impl == "reference" else measure(n, args.dim, "torch", mode, args.repeats)
+                results = measure(n, args.dim, mode, args.repeats)
+                ref = results["reference"]
+                for impl, r in results.items():
                     if "error" in r:
                         print(f"{mode} N={n} {impl}: {r['error']}")
                         continue
