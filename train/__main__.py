@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .config import ConfigError, resolve
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if report:
+    if report and int(os.environ.get("RANK", "0")) == 0:
         print(f"final ({cfg['name']}): top-1 {report['top1']:.2f} | Many {report['many']:.2f} | "
               f"Medium {report['medium']:.2f} | Few {report['few']:.2f} | best top-1 {report['best_top1']:.2f}")
     return 0

@@ -376,6 +376,8 @@ def train(cfg: dict) -> dict:
         logs.close()
     if main and cfg["plot"]:
         plot_curves(out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     if report:
         report["best_top1"] = best
     return report

@@ -1,0 +1,124 @@
+"""End to end on the embedded MNIST-LT: smoke runs through both loaders, every loss, exact resume, DDP."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_common import CACHE, small_cfg
+
+from train import engine
+from train.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("loader", ["dali", "pytorch"])
+def test_smoke_cli(tmp_path, capsys, loader):
+    args = ["--cache-dir", str(CACHE), "--output", str(tmp_path), "--epochs", "1", "--max-steps", "3",
+            "--batch-size", "32", "--max-eval-batches", "3", "--workers", "1", "--threads", "1",
+            "--data-loader", loader, "--progress", "false"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "final (mnist_lt_acl): top-1" in out and "Many" in out and "Few" in out
+    run = tmp_path / "mnist_lt_acl"
+    for f in ("config.yaml", "checkpoint.pt", "metrics.csv", "per_class.csv", "curves.png"):
+        assert (run / f).is_file(), f
+    assert any((run / "tb").iterdir())
+    header, row = (run / "metrics.csv").read_text().splitlines()
+    assert header.startswith("epoch,lr,loss,top1,many,medium,few") and row.startswith("1,")
+    assert len((run / "per_class.csv").read_text().splitlines()[1].split(",")) == 11
+    assert not list(run.glob(".*tmp*"))  # no temporary checkpoint left behind
+
+
+@pytest.mark.parametrize("loss, extra", [
+    ("acl", ["--queue-size", "48", "--n-views", "3"]),
+    ("paco", ["--queue-size", "48", "--head", "mlp_bn"]),
+    ("gpaco", ["--queue-size", "48", "--smooth", "0.1"]),
+    ("supcon", []),
+    ("ce", []),
+    ("la", []),
+])
+def test_every_loss_trains(tmp_path, loss, extra):
+    cfg = small_cfg(tmp_path, "--data-loader", "pytorch", "--workers", "0", "--loss", loss, "--max-steps", "3", *extra)
+    report = engine.train(cfg)
+    assert 0 <= report["top1"] <= 100
+    ck = torch.load(tmp_path / "mnist_lt_acl" / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 1
+    if "--queue-size" in extra:
+        assert int(ck["objective"]["queue_ptr"][1]) == 48  # the queue filled (and wrapped)
+
+
+def _weights(tmp_path, name):
+    ck = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)
+    return ck["model"], ck["objective"], ck["optimizer"]["state"]
+
+
+def _assert_identical(a, b):
+    for part_a, part_b in zip(a, b):
+        flat_a = {k: v for k, v in part_a.items()}
+        flat_b = {k: v for k, v in part_b.items()}
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            va, vb = flat_a[k], flat_b[k]
+            if isinstance(va, dict):
+                for kk in va:
+                    assert torch.equal(va[kk], vb[kk]), f"{k}.{kk}"
+            else:
+                assert torch.equal(va, vb), k
+
+
+@pytest.mark.parametrize("loader", ["pytorch", "dali"])
+def test_resume_is_exact(tmp_path, loader):
+    """2 epochs straight == 1 epoch, stop, resume, 1 epoch: bit-identical weights, queue and momenta."""
+    common = ["--data-loader", loader, "--epochs", "2", "--max-steps", "3", "--queue-size", "40",
+              "--warmup-epochs", "1", "--workers", "0" if loader == "pytorch" else "1"]
+    engine.train(small_cfg(tmp_path, *common, "--name", "straight"))
+    engine.train(small_cfg(tmp_path, *common, "--name", "split", "--stop-at-epoch", "1"))
+    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    engine.train(small_cfg(tmp_path, *common, "--name", "split", "--resume", "auto"))
+    _assert_identical(_weights(tmp_path, "straight"), _weights(tmp_path, "split"))
+    rows = (tmp_path / "split" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+
+
+def test_sigterm_mid_epoch_then_resume_is_exact(tmp_path, monkeypatch):
+    common = ["--data-loader", "pytorch", "--workers", "0", "--epochs", "2", "--max-steps", "3", "--loss", "paco",
+              "--queue-size", "40", "--head", "mlp_bn"]
+    engine.train(small_cfg(tmp_path, *common, "--name", "straight"))
+    # a real SIGTERM sets the flag
+    stop = engine._Stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.flag
+    stop.restore()
+    # stop after the 5th step (epoch 2, step 2), as a SIGTERM arriving there would
+    calls = {"n": 0}
+
+    def requested(self, device):
+        calls["n"] += 1
+        return calls["n"] == 5
+
+    monkeypatch.setattr(engine._Stop, "requested", requested)
+    with pytest.raises(SystemExit) as e:
+        engine.train(small_cfg(tmp_path, *common, "--name", "split"))
+    assert e.value.code == 143
+    ck = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert (ck["epoch"], ck["step"]) == (1, 2)
+    engine.train(small_cfg(tmp_path, *common, "--name", "split", "--resume", "auto"))
+    _assert_identical(_weights(tmp_path, "straight"), _weights(tmp_path, "split"))
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "train", "--cache-dir", str(CACHE), "--output", str(tmp_path), "--epochs", "1", "--max-steps", "2",
+           "--batch-size", "32", "--max-eval-batches", "2", "--workers", "1", "--threads", "1", "--progress", "false",
+           "--tensorboard", "false", "--plot", "false", "--queue-size", "32"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 rank(s) on cpu" in res.stdout and res.stdout.count("final (mnist_lt_acl)") == 1
+    ck = torch.load(tmp_path / "mnist_lt_acl" / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 1 and int(ck["objective"]["queue_ptr"][1]) == 32  # keys gathered from both ranks
