@@ -1,4 +1,10 @@
-"""Drop-in loss modules: each maps its official constructor and forward onto `contrastive_loss`."""
+"""Drop-in loss modules: each maps its official constructor and forward onto `contrastive_loss`.
+
+Every preset also takes `impl=` (backend) and `process_group=` (a torch.distributed group: each
+rank passes its local inputs and gets the loss of the global batch; the layout and the gradient
+convention, under which DistributedDataParallel's average equals the single-process gradient, are
+in `contrastive_loss`'s docstring).
+"""
 
 from __future__ import annotations
 
@@ -24,10 +30,8 @@ class SupConLoss(nn.Module):
     forward(features [bsz, n_views, ...] unit rows, labels [bsz] or mask [bsz, bsz] or neither
     (SimCLR)). Anchors without a positive contribute 0 and count in the mean, as the current
     official code does. An explicit `mask` is computed by the reference backend.
-    process_group: a torch.distributed group: the loss of the global batch over every rank's rows
-    (each rank passes its local inputs; see `contrastive_loss` for the layout and the gradient
-    convention: DistributedDataParallel's average gives the single-process gradient). Without
-    labels (SimCLR) each image is its own class across ranks; `mask` is refused under a group.
+    Under a process group, without labels (SimCLR) each image is its own class across ranks, and
+    `mask` is refused.
     """
 
     def __init__(self, temperature: float = 0.07, contrast_mode: str = "all", base_temperature: float = 0.07,
@@ -115,10 +119,7 @@ class PaCoLoss(_CentreLoss):
     class centre is a positive of weight beta, sample positives weigh alpha, the sample block is
     scaled by gamma in the denominator. After `cal_weight_for_classes`, log(pi) is added to the
     centre logits (logit compensation).
-    process_group: a torch.distributed group: the loss of the global batch over every rank's rows
-    (each rank passes its local inputs; see `contrastive_loss` for the layout and the gradient
-    convention: DistributedDataParallel's average gives the single-process gradient).
-    Under a group the anchors are the query rows of every rank, the queue rows (replicated, the
+    Under a process group the anchors are the query rows of every rank, the queue rows (replicated, the
     caller's) get no gradient.
     """
 
@@ -213,10 +214,7 @@ class ACLLoss(_CentreLoss):
     forward(features [bsz, n_views, d] unit rows (any n_views >= 1), labels [bsz],
             sup_logits [bsz, n_views, C] or None (no centre block),
             queue [K, d] and queue_labels [K] or None).
-    process_group: a torch.distributed group: the loss of the global batch over every rank's rows
-    (each rank passes its local inputs; see `contrastive_loss` for the layout and the gradient
-    convention: DistributedDataParallel's average gives the single-process gradient). The
-        queue must be detached under a group.
+    Under a process group the queue must be detached.
     """
 
     def __init__(self, num_classes: int, temperature: float = 0.2, base_temperature: float | None = None,
