@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo loss-demo test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml setup.py | $(PY)
 	$(PIP) install -q -e ".[train,bench,dev]"
 	touch $(STAMP)
 
+# Train on the embedded MNIST-LT default (CPU, a few minutes); prints top-1 and Many/Medium/Few.
 demo: $(STAMP)
+	$(PY) -m train --config mnist_lt_acl --output runs --progress false
+
+loss-demo: $(STAMP)
 	$(PY) -m acl_kernels.demo
 
 test: $(STAMP)

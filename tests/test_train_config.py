@@ -8,8 +8,15 @@ from train import config
 
 def test_shipped_configs_load():
     names = sorted(p.stem for p in config.CONFIG_DIR.glob("*.yaml"))
-    assert {"mnist_lt_acl", "imagenet_lt_r50", "imagenet_lt_x50", "inat2018_r50", "places_lt_r152",
-            "cifar100_lt_r32", "cifar10_lt_r32"} <= set(names)
+    assert {
+        "mnist_lt_acl",
+        "imagenet_lt_r50",
+        "imagenet_lt_x50",
+        "inat2018_r50",
+        "places_lt_r152",
+        "cifar100_lt_r32",
+        "cifar10_lt_r32",
+    } <= set(names)
     for name in names:
         cfg = config.resolve(["--config", name])
         assert cfg["name"] == name
@@ -19,7 +26,12 @@ def test_shipped_configs_load():
 def test_recipe_values_come_from_yaml():
     cfg = config.resolve(["--config", "imagenet_lt_x50"])
     assert (cfg["arch"], cfg["lr"], cfg["alpha"], cfg["randaug_n"], cfg["num_classes"]) == (
-        "resnext50_32x4d", 0.06, 0.05, 3, 1000)
+        "resnext50_32x4d",
+        0.06,
+        0.05,
+        3,
+        1000,
+    )
     cfg = config.resolve(["--config", "cifar100_lt_r32"])
     assert (cfg["schedule"], cfg["lr_steps"], cfg["imbalance"], cfg["proj_dim"]) == ("step", [320, 360], 100, 32)
     assert config.resolve(["-c", "places_lt_r152"])["pretrained"].endswith(".pth")
@@ -33,8 +45,24 @@ def test_default_config_is_the_embedded_mnist_lt():
 def test_cli_overrides_yaml(tmp_path):
     f = tmp_path / "mine.yaml"
     f.write_text("loss: paco\nlr: 0.5\nviews: [simclr]\ncompile: true\n")
-    cfg = config.resolve(["--config", str(f), "--lr", "0.25", "--data-loader", "pytorch", "--batch_size", "64",
-                          "--views", "randaug,simclr", "--compile", "false", "--lr-steps", "[5, 7]"])
+    cfg = config.resolve(
+        [
+            "--config",
+            str(f),
+            "--lr",
+            "0.25",
+            "--data-loader",
+            "pytorch",
+            "--batch_size",
+            "64",
+            "--views",
+            "randaug,simclr",
+            "--compile",
+            "false",
+            "--lr-steps",
+            "[5, 7]",
+        ]
+    )
     assert cfg["loss"] == "paco"  # from YAML
     assert cfg["lr"] == 0.25 and cfg["batch_size"] == 64 and cfg["data_loader"] == "pytorch"
     assert cfg["views"] == ["randaug", "simclr"] and cfg["compile"] is False and cfg["lr_steps"] == [5, 7]

@@ -39,8 +39,9 @@ def test_cifar_lt_from_local_copy(tmp_path):
         labels = np.repeat(np.arange(10), 10)
         data = rng.integers(0, 256, (100, 3072), dtype=np.uint8)
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps({b"data": data, b"labels": labels.tolist()}))
-    (folder / "test_batch").write_bytes(pickle.dumps(
-        {b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), b"labels": list(range(10)) * 2}))
+    (folder / "test_batch").write_bytes(
+        pickle.dumps({b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), b"labels": list(range(10)) * 2})
+    )
     out = datasets.build_cifar_lt(tmp_path / "cifar", tmp_path / "cache", 10, 10)
     tr = datasets.read_split(out / "train.txt", out)
     assert datasets.class_counts(tr, 10).tolist() == datasets.lt_counts(50, 10, 10)
@@ -84,18 +85,35 @@ def _tiny_set(tmp_path, lines, n_img=4):
 
 
 def _split_cfg(tmp_path, root, *args):
-    return small_cfg(tmp_path, "--dataset", "split", "--data-root", str(root), "--train-split", "train.txt",
-                     "--val-split", "val.txt", "--batch-size", "2", "--num-classes", "2", *args)
+    return small_cfg(
+        tmp_path,
+        "--dataset",
+        "split",
+        "--data-root",
+        str(root),
+        "--train-split",
+        "train.txt",
+        "--val-split",
+        "val.txt",
+        "--batch-size",
+        "2",
+        "--num-classes",
+        "2",
+        *args,
+    )
 
 
-@pytest.mark.parametrize("lines, message", [
-    (None, "does not exist"),
-    ("0.jpg 0\n1.jpg\n", "line 2: expected '<relative/path> <integer label>'"),
-    ("0.jpg 0\n1.jpg 7\n", "labels outside \\[0, 2\\)"),
-    ("0.jpg 0\nmissing.jpg 1\n", "1 of 2 images missing"),
-    ("\n\n", "lists no images"),
-    ("0.jpg 0\n1.jpg 1\n", "empty training shard"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (None, "does not exist"),
+        ("0.jpg 0\n1.jpg\n", "line 2: expected '<relative/path> <integer label>'"),
+        ("0.jpg 0\n1.jpg 7\n", "labels outside \\[0, 2\\)"),
+        ("0.jpg 0\nmissing.jpg 1\n", "1 of 2 images missing"),
+        ("\n\n", "lists no images"),
+        ("0.jpg 0\n1.jpg 1\n", "empty training shard"),
+    ],
+)
 def test_clear_errors_before_training(tmp_path, lines, message):
     root = _tiny_set(tmp_path, lines or "")
     if lines is None:

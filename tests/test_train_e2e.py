@@ -18,9 +18,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("loader", ["dali", "pytorch"])
 def test_smoke_cli(tmp_path, capsys, loader):
-    args = ["--cache-dir", str(CACHE), "--output", str(tmp_path), "--epochs", "1", "--max-steps", "3",
-            "--batch-size", "32", "--max-eval-batches", "3", "--workers", "1", "--threads", "1",
-            "--data-loader", loader, "--progress", "false"]
+    args = [
+        "--cache-dir",
+        str(CACHE),
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "32",
+        "--max-eval-batches",
+        "3",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--data-loader",
+        loader,
+        "--progress",
+        "false",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "final (mnist_lt_acl): top-1" in out and "Many" in out and "Few" in out
@@ -34,14 +53,17 @@ def test_smoke_cli(tmp_path, capsys, loader):
     assert not list(run.glob(".*tmp*"))  # no temporary checkpoint left behind
 
 
-@pytest.mark.parametrize("loss, extra", [
-    ("acl", ["--queue-size", "48", "--n-views", "3"]),
-    ("paco", ["--queue-size", "48", "--head", "mlp_bn"]),
-    ("gpaco", ["--queue-size", "48", "--smooth", "0.1"]),
-    ("supcon", []),
-    ("ce", []),
-    ("la", []),
-])
+@pytest.mark.parametrize(
+    "loss, extra",
+    [
+        ("acl", ["--queue-size", "48", "--n-views", "3"]),
+        ("paco", ["--queue-size", "48", "--head", "mlp_bn"]),
+        ("gpaco", ["--queue-size", "48", "--smooth", "0.1"]),
+        ("supcon", []),
+        ("ce", []),
+        ("la", []),
+    ],
+)
 def test_every_loss_trains(tmp_path, loss, extra):
     cfg = small_cfg(tmp_path, "--data-loader", "pytorch", "--workers", "0", "--loss", loss, "--max-steps", "3", *extra)
     report = engine.train(cfg)
@@ -74,8 +96,20 @@ def _assert_identical(a, b):
 @pytest.mark.parametrize("loader", ["pytorch", "dali"])
 def test_resume_is_exact(tmp_path, loader):
     """2 epochs straight == 1 epoch, stop, resume, 1 epoch: bit-identical weights, queue and momenta."""
-    common = ["--data-loader", loader, "--epochs", "2", "--max-steps", "3", "--queue-size", "40",
-              "--warmup-epochs", "1", "--workers", "0" if loader == "pytorch" else "1"]
+    common = [
+        "--data-loader",
+        loader,
+        "--epochs",
+        "2",
+        "--max-steps",
+        "3",
+        "--queue-size",
+        "40",
+        "--warmup-epochs",
+        "1",
+        "--workers",
+        "0" if loader == "pytorch" else "1",
+    ]
     engine.train(small_cfg(tmp_path, *common, "--name", "straight"))
     engine.train(small_cfg(tmp_path, *common, "--name", "split", "--stop-at-epoch", "1"))
     assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["epoch"] == 1
@@ -86,8 +120,22 @@ def test_resume_is_exact(tmp_path, loader):
 
 
 def test_sigterm_mid_epoch_then_resume_is_exact(tmp_path, monkeypatch):
-    common = ["--data-loader", "pytorch", "--workers", "0", "--epochs", "2", "--max-steps", "3", "--loss", "paco",
-              "--queue-size", "40", "--head", "mlp_bn"]
+    common = [
+        "--data-loader",
+        "pytorch",
+        "--workers",
+        "0",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "3",
+        "--loss",
+        "paco",
+        "--queue-size",
+        "40",
+        "--head",
+        "mlp_bn",
+    ]
     engine.train(small_cfg(tmp_path, *common, "--name", "straight"))
     # a real SIGTERM sets the flag
     stop = engine._Stop()
@@ -113,10 +161,39 @@ def test_sigterm_mid_epoch_then_resume_is_exact(tmp_path, monkeypatch):
 
 def test_ddp_two_processes_gloo(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "train", "--cache-dir", str(CACHE), "--output", str(tmp_path), "--epochs", "1", "--max-steps", "2",
-           "--batch-size", "32", "--max-eval-batches", "2", "--workers", "1", "--threads", "1", "--progress", "false",
-           "--tensorboard", "false", "--plot", "false", "--queue-size", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "train",
+        "--cache-dir",
+        str(CACHE),
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "32",
+        "--max-eval-batches",
+        "2",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--progress",
+        "false",
+        "--tensorboard",
+        "false",
+        "--plot",
+        "false",
+        "--queue-size",
+        "32",
+    ]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 rank(s) on cpu" in res.stdout and res.stdout.count("final (mnist_lt_acl)") == 1

@@ -19,8 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if report and int(os.environ.get("RANK", "0")) == 0:
-        print(f"final ({cfg['name']}): top-1 {report['top1']:.2f} | Many {report['many']:.2f} | "
-              f"Medium {report['medium']:.2f} | Few {report['few']:.2f} | best top-1 {report['best_top1']:.2f}")
+        print(
+            f"final ({cfg['name']}): top-1 {report['top1']:.2f} | Many {report['many']:.2f} | "
+            f"Medium {report['medium']:.2f} | Few {report['few']:.2f} | best top-1 {report['best_top1']:.2f}"
+        )
     return 0
 
 

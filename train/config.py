@@ -162,8 +162,12 @@ def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
         description="Train a long-tailed classifier with ACL / PaCo / GPaCo / SupCon / CE / LA.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG,
-                        help="YAML file or shipped config name; its keys are the defaults of the options below")
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=DEFAULT_CONFIG,
+        help="YAML file or shipped config name; its keys are the defaults of the options below",
+    )
     for key, default in defaults.items():
         kwargs: dict[str, Any] = {"default": default, "type": _arg_type(DEFAULTS[key]), "dest": key}
         if key in CHOICES:

@@ -72,8 +72,12 @@ def _dali_view(images, recipe: str, size: int, mean, std, ra_n: int, ra_m: int, 
 
     def jitter(x, b, c, s, h, p):
         kw = {}
-        for key, amount, lo in (("brightness", b, 1.0), ("contrast", c, 1.0), ("saturation", s, 1.0),
-                                ("hue", h * 180.0, 0.0)):  # hue in degrees
+        for key, amount, lo in (
+            ("brightness", b, 1.0),
+            ("contrast", c, 1.0),
+            ("saturation", s, 1.0),
+            ("hue", h * 180.0, 0.0),
+        ):  # hue in degrees
             if amount:
                 kw[key] = fn.random.uniform(range=[lo - amount, lo + amount])
         if coin(p):
@@ -101,12 +105,18 @@ def _dali_view(images, recipe: str, size: int, mean, std, ra_n: int, ra_m: int, 
         images = fn.flip(images, horizontal=mirror)
         mirror = 0
         images = auto_augment.auto_augment(images, policy_name="reduced_cifar10", shape=(size, size))
-        images = fn.erase(images, anchor=fn.random.uniform(range=[0, size - 16], shape=2), shape=(16, 16),
-                          axis_names="HW", fill_value=0)
+        images = fn.erase(
+            images,
+            anchor=fn.random.uniform(range=[0, size - 16], shape=2),
+            shape=(16, 16),
+            axis_names="HW",
+            fill_value=0,
+        )
     else:
         ratio = [0.8, 1.25] if recipe == "mnist" else [3 / 4, 4 / 3]
-        images = fn.random_resized_crop(images, size=(size, size), random_area=[_CROP_SCALE[recipe], 1.0],
-                                        random_aspect_ratio=ratio)
+        images = fn.random_resized_crop(
+            images, size=(size, size), random_area=[_CROP_SCALE[recipe], 1.0], random_aspect_ratio=ratio
+        )
         if recipe == "mnist":
             images = jitter(images, 0.4, 0.4, 0.0, 0.0, 0.8)
         elif recipe == "simclr":
@@ -124,8 +134,12 @@ def _dali_view(images, recipe: str, size: int, mean, std, ra_n: int, ra_m: int, 
                 images = blur(grayscale(images, 0.2), 0.5)
             images = rand_augment.rand_augment(images, n=ra_n, m=ra_m, shape=(size, size))
     return fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
-        mean=[255 * m for m in mean], std=[255 * s for s in std],
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mirror=mirror,
+        mean=[255 * m for m in mean],
+        std=[255 * s for s in std],
     )
 
 
@@ -134,8 +148,15 @@ def _dali_pipeline(files, labels, root, shard_id, num_shards, recipes, decode_de
 
     @pipeline_def(enable_conditionals=True)
     def pipe():
-        jpegs, y = fn.readers.file(file_root=str(root), files=files, labels=labels, shard_id=shard_id,
-                                   num_shards=num_shards, random_shuffle=False, name="Reader")
+        jpegs, y = fn.readers.file(
+            file_root=str(root),
+            files=files,
+            labels=labels,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            random_shuffle=False,
+            name="Reader",
+        )
         images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
         views = [_dali_view(images, r, **opts) for r in recipes]
         return (*views, y)
@@ -146,8 +167,20 @@ def _dali_pipeline(files, labels, root, shard_id, num_shards, recipes, decode_de
 class DaliLoader:
     """Iterates one epoch (or the evaluation set) of this rank's shard through a DALI pipeline."""
 
-    def __init__(self, split: Split, order: np.ndarray, recipes: list[str], batch: int, cfg: dict, rank: int,
-                 world: int, seed: int, device: torch.device, train: bool, skip: int = 0):
+    def __init__(
+        self,
+        split: Split,
+        order: np.ndarray,
+        recipes: list[str],
+        batch: int,
+        cfg: dict,
+        rank: int,
+        world: int,
+        seed: int,
+        device: torch.device,
+        train: bool,
+        skip: int = 0,
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -156,20 +189,39 @@ class DaliLoader:
         n = len(self.files)
         self.shard = (n * rank // world, n * (rank + 1) // world)  # as DALI's reader splits
         gpu = device.type == "cuda"
-        opts = dict(size=cfg["image_size"], mean=cfg["mean"], std=cfg["std"], ra_n=cfg["randaug_n"],
-                    ra_m=cfg["randaug_m"], eval_resize=cfg["eval_resize"])
+        opts = dict(
+            size=cfg["image_size"],
+            mean=cfg["mean"],
+            std=cfg["std"],
+            ra_n=cfg["randaug_n"],
+            ra_m=cfg["randaug_m"],
+            eval_resize=cfg["eval_resize"],
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             self.pipe = _dali_pipeline(
-                self.files, [int(split.labels[i]) for i in order], split.root, rank, world, recipes,
-                "mixed" if gpu else "cpu", opts, batch_size=batch, num_threads=max(1, cfg["workers"]),
-                device_id=device.index or 0 if gpu else None, seed=seed, prefetch_queue_depth=2,
+                self.files,
+                [int(split.labels[i]) for i in order],
+                split.root,
+                rank,
+                world,
+                recipes,
+                "mixed" if gpu else "cpu",
+                opts,
+                batch_size=batch,
+                num_threads=max(1, cfg["workers"]),
+                device_id=device.index or 0 if gpu else None,
+                seed=seed,
+                prefetch_queue_depth=2,
             )
             self.pipe.build()
         self.n_views = len(recipes)
         self.iterator = DALIGenericIterator(
-            self.pipe, [f"v{i}" for i in range(len(recipes))] + ["label"], reader_name="Reader",
-            last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL, auto_reset=False,
+            self.pipe,
+            [f"v{i}" for i in range(len(recipes))] + ["label"],
+            reader_name="Reader",
+            last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL,
+            auto_reset=False,
         )
         self.steps = (self.shard[1] - self.shard[0]) // batch if train else -(-(self.shard[1] - self.shard[0]) // batch)
 
@@ -188,7 +240,8 @@ class DaliLoader:
                 lo = self.shard[0] + step * self.batch
                 window = self.files[lo : min(self.shard[1], lo + 4 * self.batch)]
                 bad = find_unreadable([self.split.root / f for f in window]) or find_unreadable(
-                    [self.split.root / f for f in self.files[self.shard[0] : self.shard[1]]])
+                    [self.split.root / f for f in self.files[self.shard[0] : self.shard[1]]]
+                )
                 if bad is not None:
                     raise DataError(f"cannot decode image {bad}") from e
                 raise
@@ -213,16 +266,29 @@ def _torch_view(recipe: str, cfg: dict):
     if recipe == "center":
         ops = [T.Resize(cfg["eval_resize"]), T.CenterCrop(size)]
     elif recipe == "cifar_strong":
-        ops = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(),
-               T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), _Cutout(16)]
+        ops = [
+            T.RandomCrop(size, padding=4),
+            T.RandomHorizontalFlip(),
+            T.AutoAugment(T.AutoAugmentPolicy.CIFAR10),
+            _Cutout(16),
+        ]
     elif recipe == "cifar_simclr":
-        ops = [T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), jitter(0.4, 0.4, 0.4, 0.1, 0.8),
-               T.RandomGrayscale(0.2)]
+        ops = [
+            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            T.RandomHorizontalFlip(),
+            jitter(0.4, 0.4, 0.4, 0.1, 0.8),
+            T.RandomGrayscale(0.2),
+        ]
     elif recipe == "mnist":
         ops = [T.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.8, 1.25)), jitter(0.4, 0.4, 0, 0, 0.8)]
     elif recipe == "simclr":
-        ops = [T.RandomResizedCrop(size, scale=(0.08, 1.0)), jitter(0.4, 0.4, 0.4, 0, 1.0), T.RandomGrayscale(0.2),
-               blur, T.RandomHorizontalFlip()]
+        ops = [
+            T.RandomResizedCrop(size, scale=(0.08, 1.0)),
+            jitter(0.4, 0.4, 0.4, 0, 1.0),
+            T.RandomGrayscale(0.2),
+            blur,
+            T.RandomHorizontalFlip(),
+        ]
     else:
         ops = [T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), jitter(0.4, 0.4, 0.4, 0, 0.8)]
         if recipe == "randaug_stack":
@@ -274,8 +340,20 @@ class _ViewDataset(torch.utils.data.Dataset):
 class TorchLoader:
     """The torchvision fallback: the same shard, order and batch shapes as DaliLoader."""
 
-    def __init__(self, split: Split, order: np.ndarray, recipes: list[str], batch: int, cfg: dict, rank: int,
-                 world: int, seed: int, device: torch.device, train: bool, skip: int = 0):
+    def __init__(
+        self,
+        split: Split,
+        order: np.ndarray,
+        recipes: list[str],
+        batch: int,
+        cfg: dict,
+        rank: int,
+        world: int,
+        seed: int,
+        device: torch.device,
+        train: bool,
+        skip: int = 0,
+    ):
         n = len(order)
         shard = order[n * rank // world : n * (rank + 1) // world]
         if train:
@@ -285,8 +363,13 @@ class TorchLoader:
         self.steps = len(shard) // batch if train else -(-len(shard) // batch)
         sampler = range(skip * batch, len(shard))
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch, sampler=sampler, num_workers=cfg["workers"],
-            pin_memory=device.type == "cuda", drop_last=train, persistent_workers=False,
+            self.dataset,
+            batch_size=batch,
+            sampler=sampler,
+            num_workers=cfg["workers"],
+            pin_memory=device.type == "cuda",
+            drop_last=train,
+            persistent_workers=False,
         )
         self.device = device
 
@@ -298,8 +381,9 @@ class TorchLoader:
             yield [v.to(self.device, non_blocking=True) for v in views], labels.to(self.device, non_blocking=True)
 
 
-def make_loader(cfg: dict, split: Split, *, train: bool, epoch: int, rank: int, world: int,
-                device: torch.device, skip: int = 0):
+def make_loader(
+    cfg: dict, split: Split, *, train: bool, epoch: int, rank: int, world: int, device: torch.device, skip: int = 0
+):
     """This rank's loader for one training epoch (train=True) or for evaluation."""
     batch = cfg["batch_size"] // world
     if train:

@@ -164,8 +164,12 @@ def build_mnist_lt(cache_dir: str | os.PathLike, imbalance: float = 100, test_pe
 def _load_cifar(root: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The python pickles of CIFAR-10 (cifar-10-batches-py) or CIFAR-100 (cifar-100-python)."""
     if num_classes == 10:
-        folder, train_files, test_files, key = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], [
-            "test_batch"], b"labels"
+        folder, train_files, test_files, key = (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            b"labels",
+        )
     else:
         folder, train_files, test_files, key = "cifar-100-python", ["train"], ["test"], b"fine_labels"
     base = root / folder if (root / folder).is_dir() else root
@@ -188,8 +192,7 @@ def _load_cifar(root: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, n
     return (*load(train_files), *load(test_files))
 
 
-def build_cifar_lt(root: str | os.PathLike, cache_dir: str | os.PathLike, num_classes: int,
-                   imbalance: float) -> Path:
+def build_cifar_lt(root: str | os.PathLike, cache_dir: str | os.PathLike, num_classes: int, imbalance: float) -> Path:
     """CIFAR-10/100-LT from a local CIFAR copy: class c keeps the first n_max * (1/rho)^(c/(C-1))
     training images (the usual LDAM/PaCo construction), test set balanced; written as PNGs."""
     final = Path(cache_dir) / f"cifar{num_classes}_lt_r{imbalance:g}"
@@ -219,8 +222,9 @@ def prepare(cfg: dict, build: bool = True) -> tuple[Split, Split, int]:
         else:
             if not cfg["data_root"]:
                 raise DataError(f"dataset={ds} needs data_root: the folder of a local CIFAR copy")
-            folder = build_cifar_lt(cfg["data_root"], cfg["cache_dir"], 10 if ds == "cifar10_lt" else 100,
-                                    cfg["imbalance"])
+            folder = build_cifar_lt(
+                cfg["data_root"], cfg["cache_dir"], 10 if ds == "cifar10_lt" else 100, cfg["imbalance"]
+            )
         train, val = read_split(folder / "train.txt", folder), read_split(folder / "test.txt", folder)
     else:
         root = Path(cfg["data_root"] or ".")

@@ -119,8 +119,10 @@ class Logs:
         self.metrics = out / "metrics.csv"
         self.per_class = out / "per_class.csv"
         # resuming: drop rows of epochs that will run again
-        for path, header in ((self.metrics, list(self.FIELDS)),
-                             (self.per_class, ["epoch"] + [f"class_{c}" for c in range(num_classes)])):
+        for path, header in (
+            (self.metrics, list(self.FIELDS)),
+            (self.per_class, ["epoch"] + [f"class_{c}" for c in range(num_classes)]),
+        ):
             rows = []
             if start_epoch > 0 and path.is_file():
                 with open(path, newline="") as f:
@@ -198,8 +200,17 @@ def plot_curves(out: Path) -> Path | None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cfg: dict, val, num_classes: int, train_counts, rank: int, world: int,
-             device: torch.device, autocast) -> dict:
+def evaluate(
+    model: nn.Module,
+    cfg: dict,
+    val,
+    num_classes: int,
+    train_counts,
+    rank: int,
+    world: int,
+    device: torch.device,
+    autocast,
+) -> dict:
     """Top-1 of the raw classifier (no logit compensation) on this rank's shard, summed over ranks."""
     net = _unwrap(model)
     net.eval()
@@ -251,8 +262,9 @@ def train(cfg: dict) -> dict:
         steps = min(steps, cfg["max_steps"])
 
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
-    model = Model(cfg["arch"], num_classes, cfg["head"], cfg["proj_dim"] if cfg["loss"] in PROJECTING else 0,
-                  cfg["pretrained"]).to(device)
+    model = Model(
+        cfg["arch"], num_classes, cfg["head"], cfg["proj_dim"] if cfg["loss"] in PROJECTING else 0, cfg["pretrained"]
+    ).to(device)
     channels_last = cfg["channels_last"] in (True, "true") or (cfg["channels_last"] == "auto" and device.type == "cuda")
     cfg["_channels_last"] = channels_last
     if channels_last:
@@ -260,8 +272,9 @@ def train(cfg: dict) -> dict:
     if cfg["sync_bn"] and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     objective = Objective(cfg, model, counts, num_classes).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
+    )
     autocast, scaler = autocast_factory(cfg, device)
 
     start_epoch, start_step, best = 0, 0, -1.0
@@ -290,25 +303,38 @@ def train(cfg: dict) -> dict:
 
     def checkpoint(epoch: int, step: int) -> None:
         if main:
-            save_atomic({"model": model.state_dict(), "objective": objective.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                         "epoch": epoch, "step": step, "best_top1": best, "num_classes": num_classes,
-                         "config": {k: cfg[k] for k in config_mod.DEFAULTS}}, out / CHECKPOINT)
+            save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "objective": objective.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None,
+                    "epoch": epoch,
+                    "step": step,
+                    "best_top1": best,
+                    "num_classes": num_classes,
+                    "config": {k: cfg[k] for k in config_mod.DEFAULTS},
+                },
+                out / CHECKPOINT,
+            )
         barrier()
 
     if main:
         groups = np.bincount(np.where(counts > 100, 0, np.where(counts >= 20, 1, 2)), minlength=3)
-        print(f"{cfg['name']}: {len(train_split)} training images, {num_classes} classes "
-              f"(Many/Medium/Few = {groups[0]}/{groups[1]}/{groups[2]}), {len(val_split)} for evaluation; "
-              f"{world} rank(s) on {device.type}, {steps} steps of {cfg['batch_size']} per epoch, "
-              f"loss={cfg['loss']}, data_loader={cfg['data_loader']}, output {out}")
+        print(
+            f"{cfg['name']}: {len(train_split)} training images, {num_classes} classes "
+            f"(Many/Medium/Few = {groups[0]}/{groups[1]}/{groups[2]}), {len(val_split)} for evaluation; "
+            f"{world} rank(s) on {device.type}, {steps} steps of {cfg['batch_size']} per epoch, "
+            f"loss={cfg['loss']}, data_loader={cfg['data_loader']}, output {out}"
+        )
     report: dict = {}
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             skip = start_step if epoch == start_epoch else 0
             torch.manual_seed(_mix_seed(cfg["seed"], epoch, rank))
-            loader = make_loader(cfg, train_split, train=True, epoch=epoch, rank=rank, world=world, device=device,
-                                 skip=skip)
+            loader = make_loader(
+                cfg, train_split, train=True, epoch=epoch, rank=rank, world=world, device=device, skip=skip
+            )
             net.train()
             t0, seen, loss_sum, n_loss = time.perf_counter(), 0, torch.zeros((), device=device), 0
             bar = _progress(main and cfg["progress"], steps - skip, f"epoch {epoch + 1}/{cfg['epochs']}")
@@ -346,14 +372,21 @@ def train(cfg: dict) -> dict:
                         bar.close()
                     checkpoint(epoch, step)
                     if main:
-                        print(f"SIGTERM: checkpoint saved at epoch {epoch}, step {step} in {out / CHECKPOINT}; "
-                              f"continue with --resume auto")
+                        print(
+                            f"SIGTERM: checkpoint saved at epoch {epoch}, step {step} in {out / CHECKPOINT}; "
+                            f"continue with --resume auto"
+                        )
                     raise SystemExit(143)
             if bar is not None:
                 bar.close()
             elapsed = time.perf_counter() - t0
-            row = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch, max(step - 1, 0), steps),
-                   "loss": float(loss_sum) / max(n_loss, 1), "images_per_s": seen / elapsed, "epoch_s": elapsed}
+            row = {
+                "epoch": epoch + 1,
+                "lr": lr_at(cfg, epoch, max(step - 1, 0), steps),
+                "loss": float(loss_sum) / max(n_loss, 1),
+                "images_per_s": seen / elapsed,
+                "epoch_s": elapsed,
+            }
             per_class = None
             if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
                 report = evaluate(net, cfg, val_split, num_classes, counts, rank, world, device, autocast)
@@ -362,10 +395,18 @@ def train(cfg: dict) -> dict:
                 best = max(best, report["top1"])
             logs.epoch(row, per_class)
             if main:
-                acc = (f" | top-1 {report['top1']:.2f} (Many {report['many']:.2f}, Medium {report['medium']:.2f}, "
-                       f"Few {report['few']:.2f})") if per_class is not None else ""
-                print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {row['loss']:.4f}, "
-                      f"{row['images_per_s']:.0f} img/s{acc}", flush=True)
+                acc = (
+                    (
+                        f" | top-1 {report['top1']:.2f} (Many {report['many']:.2f}, Medium {report['medium']:.2f}, "
+                        f"Few {report['few']:.2f})"
+                    )
+                    if per_class is not None
+                    else ""
+                )
+                print(
+                    f"epoch {epoch + 1}/{cfg['epochs']}: loss {row['loss']:.4f}, {row['images_per_s']:.0f} img/s{acc}",
+                    flush=True,
+                )
             checkpoint(epoch + 1, 0)
             if cfg["stop_at_epoch"] and epoch + 1 == cfg["stop_at_epoch"] and epoch + 1 < cfg["epochs"]:
                 if main:

@@ -59,8 +59,12 @@ class SmallCNN(nn.Module):
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
         self.features = nn.Sequential(
-            *block(3, width), *block(width, width), nn.MaxPool2d(2),
-            *block(width, 2 * width), *block(2 * width, 2 * width), nn.MaxPool2d(2),
+            *block(3, width),
+            *block(width, width),
+            nn.MaxPool2d(2),
+            *block(width, 2 * width),
+            *block(2 * width, 2 * width),
+            nn.MaxPool2d(2),
             *block(2 * width, 4 * width),
         )
         self.out_dim = 4 * width
@@ -114,8 +118,7 @@ def projection_head(kind: str, dim: int, out: int) -> nn.Module:
 class Model(nn.Module):
     """backbone -> feature f; classifier(f) = class-centre logits; head(f) -> unit projection z."""
 
-    def __init__(self, arch: str, num_classes: int, head: str = "mlp_bn", proj_dim: int = 128,
-                 pretrained: str = ""):
+    def __init__(self, arch: str, num_classes: int, head: str = "mlp_bn", proj_dim: int = 128, pretrained: str = ""):
         super().__init__()
         self.backbone = build_backbone(arch, pretrained)
         dim = self.backbone.out_dim

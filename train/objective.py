@@ -53,21 +53,39 @@ class Objective(nn.Module):
         self.cfg = cfg
         counts = torch.as_tensor(class_counts, dtype=torch.float32)
         self.register_buffer("log_prior", torch.log(counts / counts.sum() + 1e-9), persistent=False)
-        common = dict(alpha=cfg["alpha"], beta=cfg["beta"], gamma=cfg["gamma"], supt=cfg["supt"],
-                      temperature=cfg["temperature"], num_classes=num_classes)
+        common = dict(
+            alpha=cfg["alpha"],
+            beta=cfg["beta"],
+            gamma=cfg["gamma"],
+            supt=cfg["supt"],
+            temperature=cfg["temperature"],
+            num_classes=num_classes,
+        )
         self.loss: nn.Module | None = None
         if self.kind == "acl":
-            self.loss = ACLLoss(negative_weight=cfg["negative_weight"], kappa=cfg["kappa"],
-                                logit_adjust=cfg["logit_adjust"], impl=cfg["loss_impl"], **common,
-                                **_group_kwargs(ACLLoss))
+            self.loss = ACLLoss(
+                negative_weight=cfg["negative_weight"],
+                kappa=cfg["kappa"],
+                logit_adjust=cfg["logit_adjust"],
+                impl=cfg["loss_impl"],
+                **common,
+                **_group_kwargs(ACLLoss),
+            )
         elif self.kind in ("paco", "gpaco"):
             cls = PaCoLoss if self.kind == "paco" else GPaCoLoss
             self.loss = cls(K=0, smooth=cfg["smooth"], impl=cfg["loss_impl"], **common, **_group_kwargs(cls))
         elif self.kind == "supcon":
-            self.loss = SupConLoss(temperature=cfg["temperature"], base_temperature=cfg["temperature"],
-                                   impl=cfg["loss_impl"], **_group_kwargs(SupConLoss))
-        if self.loss is not None and hasattr(self.loss, "cal_weight_for_classes") and (
-                cfg["logit_adjust"] or cfg["negative_weight"] == "prior"):
+            self.loss = SupConLoss(
+                temperature=cfg["temperature"],
+                base_temperature=cfg["temperature"],
+                impl=cfg["loss_impl"],
+                **_group_kwargs(SupConLoss),
+            )
+        if (
+            self.loss is not None
+            and hasattr(self.loss, "cal_weight_for_classes")
+            and (cfg["logit_adjust"] or cfg["negative_weight"] == "prior")
+        ):
             self.loss.cal_weight_for_classes(class_counts)
         self.key_encoder = key_encoder(model) if self.kind == "paco" else None
         k = cfg["queue_size"] if self.kind in ("acl", "paco", "gpaco") else 0
