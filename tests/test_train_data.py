@@ -137,3 +137,28 @@ def test_corrupt_image_is_named(tmp_path, loader):
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 8)
     with pytest.raises(DataError, match="broken.jpg"):
         train(_split_cfg(tmp_path, root, "--data-loader", loader, "--workers", "0" if loader == "pytorch" else "1"))
+
+
+@pytest.mark.parametrize("loader", ["dali", "pytorch"])
+def test_every_recipe_builds(mnist, tmp_path, loader):
+    recipes = "simclr,randaug,randaug_stack,cifar_strong,cifar_simclr,mnist,center"
+    cfg = small_cfg(
+        tmp_path,
+        "--data-loader",
+        loader,
+        "--n-views",
+        "7",
+        "--views",
+        recipes,
+        "--image-size",
+        "32",
+        "--eval-resize",
+        "36",
+        "--randaug-n",
+        "3",
+    )
+    tr = datasets.read_split(mnist / "train.txt", mnist)
+    views, labels = next(iter(make_loader(cfg, tr, train=True, epoch=0, rank=0, world=1, device=torch.device("cpu"))))
+    assert len(views) == 7 and labels.shape == (32,)
+    for v in views:
+        assert v.shape == (32, 3, 32, 32) and torch.isfinite(v).all()
