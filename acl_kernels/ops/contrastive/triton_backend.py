@@ -1,0 +1,323 @@
+"""Triton backend: launchers of the fused kernels, the autograd glue and the dispatcher hooks.
+
+Layers (Liger style): `triton_kernels.py` holds only the `@triton.jit` kernels; here `fwd()` /
+`bwd()` check, allocate and launch; two `torch.library` custom ops (`acl_kernels::contrastive_fwd`,
+`acl_kernels::contrastive_bwd`, each with a fake implementation) carry them through
+`torch.compile` without a graph break, and `register_autograd` ties the backward to the forward.
+`refuses()` / `triton_loss()` are what `acl_kernels.dispatch` calls.
+
+Under the Triton interpreter (TRITON_INTERPRET=1 set before this module is first imported) the
+kernels run on CPU tensors; that is how they are tested without a GPU.
+"""
+
+
+import torch
+import triton
+from torch import Tensor
+
+from . import triton_kernels as K
+from .problem import LossProblem
+
+# True when the kernels were built by the interpreter (decided when triton_kernels was imported).
+INTERPRET = not isinstance(K._fwd_kernel, triton.runtime.JITFunction)
+# Tests set this to fill every buffer the launchers allocate with NaN, so unwritten tails fail.
+POISON = False
+
+BLOCK_M = 64  # anchor rows per program
+BLOCK_N = 64  # contrast columns per step
+BLOCK_D = 64  # feature chunk of the similarity dot (any d: a loop over chunks)
+BLOCK_DO = 64  # feature chunk of the gradient one backward program writes
+CENTRE_BLOCK_M = 32
+CENTRE_BLOCK_C = 128
+NUM_WARPS = 4
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _empty(shape, dtype, device) -> Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch_opts() -> dict:
+    return {} if INTERPRET else {"num_warps": NUM_WARPS}
+
+
+def sample_constexprs(dtype: torch.dtype, aligned: bool) -> dict:
+    """The constexpr arguments the sample kernels get for data of `dtype` (one specialisation)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    # fp16 data: the backward product of fp32 dl with the rows runs in tf32 (fp16's mantissa, fp32's
+    # range); fp32 data: tf32 only where PyTorch's own matmuls use it.
+    precision = "tf32" if dtype == torch.float16 or (dtype == torch.float32 and tf32) else "ieee"
+    return {
+        "ALIGNED": aligned,
+        "UPCAST": INTERPRET and dtype == torch.bfloat16,
+        "PRECISION": precision,
+        "BLOCK_M": BLOCK_M,
+        "BLOCK_N": BLOCK_N,
+        "BLOCK_D": BLOCK_D,
+    }
+
+
+def _check(z: Tensor, labels: Tensor, w_same: Tensor, w_other: Tensor) -> None:
+    if z.dtype not in DTYPES:
+        raise TypeError(f"triton backend: features must be fp16/bf16/fp32, got {z.dtype}")
+    if labels.shape[0] != z.shape[0] or w_same.shape[0] != z.shape[0] or w_other.shape[0] != z.shape[0]:
+        raise ValueError("triton backend: labels and weights need one entry per contrast row")
+
+
+def _contrast(z: Tensor, queue: Tensor | None) -> Tensor:
+    zc = z if queue is None else torch.cat([z, queue.to(z.dtype)])
+    return zc.contiguous()
+
+
+def _centres(centre_logits: Tensor) -> Tensor:
+    u = centre_logits if centre_logits.dtype in DTYPES else centre_logits.float()
+    return u if u.stride(1) == 1 else u.contiguous()
+
+
+def _centre_targets(beta: float, smooth: float, n_cls: int, aligned: bool) -> tuple[float, float]:
+    """(t of the own centre, t of every other centre), as problem.tile()."""
+    if aligned or smooth == 0:
+        return beta, 0.0
+    return beta * (1.0 - smooth), (beta * smooth / (n_cls - 1) if n_cls > 1 else 0.0)
+
+
+def fwd(
+    z: Tensor,
+    labels: Tensor,
+    queue: Tensor | None,
+    centre_logits: Tensor | None,
+    log_prior: Tensor | None,
+    w_same: Tensor,
+    w_other: Tensor,
+    n_anchor: int,
+    aligned: bool,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    supt: float,
+    smooth: float,
+) -> tuple[Tensor, Tensor]:
+    """([n_anchor] fp32 losses without loss_scale, [n_anchor, 4] fp32 stats); labels [M], weights [M]."""
+    zc = _contrast(z, queue)
+    _check(zc, labels, w_same, w_other)
+    m_rows, d = zc.shape
+    dev = zc.device
+    y = labels.to(torch.int32).contiguous()
+    ws = w_same.to(torch.float32).contiguous()
+    wo = w_other.to(torch.float32).contiguous()
+    loss = _empty((n_anchor,), torch.float32, dev)
+    stats = _empty((n_anchor, 4), torch.float32, dev)
+    cstats = None
+    if centre_logits is not None:
+        u = _centres(centre_logits)
+        n_cls = u.shape[1]
+        t_own, t_off = _centre_targets(beta, smooth, n_cls, aligned)
+        cstats = _empty((n_anchor, 5), torch.float32, dev)
+        prior = log_prior.to(device=dev, dtype=torch.float32).contiguous() if log_prior is not None else u
+        K._centre_fwd_kernel[(triton.cdiv(n_anchor, CENTRE_BLOCK_M),)](
+            u, prior, y, cstats, n_anchor, n_cls, u.stride(0), 1.0 / supt, t_own, t_off,
+            HAS_PRIOR=log_prior is not None, ALIGNED=aligned,
+            BLOCK_M=CENTRE_BLOCK_M, BLOCK_C=CENTRE_BLOCK_C, **_launch_opts(),
+        )  # fmt: skip
+    K._fwd_kernel[(triton.cdiv(n_anchor, BLOCK_M),)](
+        zc, y, ws, wo, cstats if cstats is not None else loss, loss, stats,
+        n_anchor, m_rows, d, 1.0 / temperature, alpha,
+        HAS_CENTRES=cstats is not None, **sample_constexprs(zc.dtype, aligned), **_launch_opts(),
+    )  # fmt: skip
+    return loss, stats
+
+
+def bwd(
+    coef: Tensor,
+    stats: Tensor,
+    z: Tensor,
+    labels: Tensor,
+    queue: Tensor | None,
+    centre_logits: Tensor | None,
+    log_prior: Tensor | None,
+    w_same: Tensor,
+    w_other: Tensor,
+    n_anchor: int,
+    aligned: bool,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    supt: float,
+    smooth: float,
+    need_z: bool,
+    need_queue: bool,
+    need_centres: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dz, dqueue, dcentre_logits), each None when not needed; coef [n_anchor] = dL/dloss_i."""
+    zc = _contrast(z, queue)
+    m_rows, d = zc.shape
+    n = z.shape[0]
+    dev = zc.device
+    y = labels.to(torch.int32).contiguous()
+    coef = coef.to(torch.float32).contiguous()
+    stats = stats.contiguous()
+    dz = dq = du = None
+    if need_z or need_queue:
+        n_out = m_rows if need_queue else n
+        dzc = _empty((n_out, d), z.dtype, dev)
+        consts = sample_constexprs(zc.dtype, aligned)
+        consts["DL_LOW"] = zc.dtype == torch.bfloat16 and not INTERPRET
+        K._bwd_kernel[(triton.cdiv(n_out, BLOCK_M), triton.cdiv(d, BLOCK_DO))](
+            zc, y, w_same.to(torch.float32).contiguous(), w_other.to(torch.float32).contiguous(), stats, coef, dzc,
+            n_anchor, m_rows, n_out, d, 1.0 / temperature, alpha,
+            BLOCK_DO=BLOCK_DO, **consts, **_launch_opts(),
+        )  # fmt: skip
+        dz = dzc[:n] if need_z else None
+        dq = dzc[n:].clone() if need_queue else None  # outputs of an op may not alias
+    if need_centres:
+        u = _centres(centre_logits)
+        n_cls = u.shape[1]
+        t_own, t_off = _centre_targets(beta, smooth, n_cls, aligned)
+        du = _empty(tuple(u.shape), centre_logits.dtype, dev)
+        prior = log_prior.to(device=dev, dtype=torch.float32).contiguous() if log_prior is not None else u
+        grid = (triton.cdiv(n_anchor, CENTRE_BLOCK_M), triton.cdiv(n_cls, CENTRE_BLOCK_C))
+        K._centre_bwd_kernel[grid](
+            u, prior, y, stats, coef, du, n_anchor, n_cls, u.stride(0), du.stride(0), 1.0 / supt, t_own, t_off,
+            HAS_PRIOR=log_prior is not None, ALIGNED=aligned,
+            BLOCK_M=CENTRE_BLOCK_M, BLOCK_C=CENTRE_BLOCK_C, **_launch_opts(),
+        )  # fmt: skip
+    return dz, dq, du
+
+
+# ---- torch.library registration ---------------------------------------------------------------
+
+
+@torch.library.custom_op("acl_kernels::contrastive_fwd", mutates_args=())
+def contrastive_fwd(
+    z: Tensor,
+    labels: Tensor,
+    queue: Tensor | None,
+    centre_logits: Tensor | None,
+    log_prior: Tensor | None,
+    w_same: Tensor,
+    w_other: Tensor,
+    n_anchor: int,
+    aligned: bool,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    supt: float,
+    smooth: float,
+) -> tuple[Tensor, Tensor]:
+    """Fused forward: ([n_anchor] fp32 per-anchor losses, [n_anchor, 4] fp32 row statistics)."""
+    return fwd(z, labels, queue, centre_logits, log_prior, w_same, w_other, n_anchor, aligned,
+               temperature, alpha, beta, supt, smooth)  # fmt: skip
+
+
+@contrastive_fwd.register_fake
+def _(z, labels, queue, centre_logits, log_prior, w_same, w_other, n_anchor, aligned, temperature, alpha,
+      beta, supt, smooth):  # fmt: skip
+    return z.new_empty((n_anchor,), dtype=torch.float32), z.new_empty((n_anchor, 4), dtype=torch.float32)
+
+
+@torch.library.custom_op("acl_kernels::contrastive_bwd", mutates_args=())
+def contrastive_bwd(
+    grad_loss: Tensor,
+    stats: Tensor,
+    z: Tensor,
+    labels: Tensor,
+    queue: Tensor | None,
+    centre_logits: Tensor | None,
+    log_prior: Tensor | None,
+    w_same: Tensor,
+    w_other: Tensor,
+    n_anchor: int,
+    aligned: bool,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    supt: float,
+    smooth: float,
+    need_z: bool,
+    need_queue: bool,
+    need_centres: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused backward: (dz, dqueue, dcentre_logits); an input that needs no gradient gets an empty tensor."""
+    dz, dq, du = bwd(grad_loss, stats, z, labels, queue, centre_logits, log_prior, w_same, w_other, n_anchor,
+                     aligned, temperature, alpha, beta, supt, smooth, need_z, need_queue, need_centres)  # fmt: skip
+    none = z.new_empty((0,))
+    return (dz if dz is not None else none, dq if dq is not None else none.clone(),
+            du if du is not None else none.clone())  # fmt: skip
+
+
+@contrastive_bwd.register_fake
+def _(grad_loss, stats, z, labels, queue, centre_logits, log_prior, w_same, w_other, n_anchor, aligned,
+      temperature, alpha, beta, supt, smooth, need_z, need_queue, need_centres):  # fmt: skip
+    dz = torch.empty_like(z) if need_z else z.new_empty((0,))
+    dq = torch.empty_like(queue) if need_queue else z.new_empty((0,))
+    du = torch.empty_like(centre_logits) if need_centres else z.new_empty((0,))
+    return dz, dq, du
+
+
+_FWD_ARGS = ("z", "labels", "queue", "centre_logits", "log_prior", "w_same", "w_other", "n_anchor", "aligned",
+             "temperature", "alpha", "beta", "supt", "smooth")  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    args = dict(zip(_FWD_ARGS, inputs))
+    _, stats = output
+    ctx.save_for_backward(stats, args["z"], args["labels"], args["queue"], args["centre_logits"],
+                          args["log_prior"], args["w_same"], args["w_other"])  # fmt: skip
+    ctx.scalars = tuple(args[k] for k in _FWD_ARGS[7:])
+
+
+def _backward(ctx, grad_loss, grad_stats):
+    stats, z, labels, queue, centre_logits, log_prior, w_same, w_other = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_z, need_q, need_u = need[0], need[2] and queue is not None, need[3] and centre_logits is not None
+    if not (need_z or need_q or need_u):
+        return (None,) * len(_FWD_ARGS)
+    dz, dq, du = contrastive_bwd(grad_loss, stats, z, labels, queue, centre_logits, log_prior, w_same,
+                                 w_other, *ctx.scalars, need_z, need_q, need_u)  # fmt: skip
+    return (dz if need_z else None, None, dq if need_q else None, du if need_u else None) + (None,) * 10
+
+
+torch.library.register_autograd("acl_kernels::contrastive_fwd", _backward, setup_context=_setup_context)
+
+
+# ---- dispatcher hooks ---------------------------------------------------------------------------
+
+
+def refuses(p: LossProblem) -> list[str]:
+    """Reasons the Triton backend cannot compute `p` ([] = it can)."""
+    reasons = []
+    if p.pos_mask is not None:
+        reasons.append("an explicit positive mask (SupCon `mask=`) is only supported by impl='reference'")
+    if p.z.dtype not in DTYPES:
+        reasons.append(f"features of dtype {p.z.dtype} (the kernels take fp16/bf16/fp32; use impl='torch')")
+    if p.z.is_cuda:
+        if p.z.dtype == torch.bfloat16 and torch.cuda.get_device_capability(p.z.device) < (8, 0):
+            reasons.append("bf16 needs a GPU of compute capability 8.0 or newer")
+    elif not INTERPRET:
+        reasons.append(
+            f"tensors on {p.z.device.type} (the Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 "
+            "before importing acl_kernels to run them on CPU through the interpreter)"
+        )
+    return reasons
+
+
+def triton_loss(p: LossProblem) -> Tensor:
+    """[n_anchor] per-anchor losses (times loss_scale), differentiable in z, queue and centre_logits."""
+    reasons = refuses(p)
+    if reasons:
+        raise ValueError("impl='triton' cannot compute this loss: " + "; ".join(reasons))
+    loss, _ = contrastive_fwd(
+        p.z, p.contrast_labels(), p.queue, p.centre_logits, p.log_prior, p.w_same, p.w_other, p.n_anchor,
+        p.mode == "aligned", float(p.temperature), float(p.alpha), float(p.beta), float(p.supt), float(p.smooth),
+    )  # fmt: skip
+    return loss * p.loss_scale
+
+
+def similarity_flops(n_anchor: int, n_contrast: int, d: int) -> float:
+    """FLOPs of the three similarity-sized GEMM passes (forward, backward recompute, gradient)."""
+    return 3 * 2.0 * n_anchor * n_contrast * d
+
+
+__all__ = ["refuses", "triton_loss", "contrastive_fwd", "contrastive_bwd", "fwd", "bwd"]
