@@ -45,13 +45,16 @@ def _launch_opts() -> dict:
 
 def sample_constexprs(dtype: torch.dtype, aligned: bool) -> dict:
     """The constexpr arguments the sample kernels get for data of `dtype` (one specialisation)."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    return _sample_constexprs(dtype, aligned, INTERPRET, torch.backends.cuda.matmul.allow_tf32)
+
+
+def _sample_constexprs(dtype: torch.dtype, aligned: bool, interpret: bool, tf32: bool) -> dict:
     # fp16 data: the backward product of fp32 dl with the rows runs in tf32 (fp16's mantissa, fp32's
     # range); fp32 data: tf32 only where PyTorch's own matmuls use it.
     precision = "tf32" if dtype == torch.float16 or (dtype == torch.float32 and tf32) else "ieee"
     return {
         "ALIGNED": aligned,
-        "UPCAST": INTERPRET and dtype == torch.bfloat16,
+        "UPCAST": interpret and dtype == torch.bfloat16,
         "PRECISION": precision,
         "BLOCK_M": BLOCK_M,
         "BLOCK_N": BLOCK_N,
@@ -115,7 +118,7 @@ def fwd(
         n_cls = u.shape[1]
         t_own, t_off = _centre_targets(beta, smooth, n_cls, aligned)
         cstats = _empty((n_anchor, 5), torch.float32, dev)
-        prior = log_prior.to(device=dev, dtype=torch.float32).contiguous() if log_prior is not None else u
+        prior = log_prior.to(device=dev, dtype=torch.float32).contiguous() if log_prior is not None else cstats
         K._centre_fwd_kernel[(triton.cdiv(n_anchor, CENTRE_BLOCK_M),)](
             u, prior, y, cstats, n_anchor, n_cls, u.stride(0), 1.0 / supt, t_own, t_off,
             HAS_PRIOR=log_prior is not None, ALIGNED=aligned,
@@ -175,14 +178,15 @@ def bwd(
         u = _centres(centre_logits)
         n_cls = u.shape[1]
         t_own, t_off = _centre_targets(beta, smooth, n_cls, aligned)
-        du = _empty(tuple(u.shape), centre_logits.dtype, dev)
-        prior = log_prior.to(device=dev, dtype=torch.float32).contiguous() if log_prior is not None else u
+        du = _empty(tuple(u.shape), u.dtype, dev)
+        prior = log_prior.to(device=dev, dtype=torch.float32).contiguous() if log_prior is not None else stats
         grid = (triton.cdiv(n_anchor, CENTRE_BLOCK_M), triton.cdiv(n_cls, CENTRE_BLOCK_C))
         K._centre_bwd_kernel[grid](
             u, prior, y, stats, coef, du, n_anchor, n_cls, u.stride(0), du.stride(0), 1.0 / supt, t_own, t_off,
             HAS_PRIOR=log_prior is not None, ALIGNED=aligned,
             BLOCK_M=CENTRE_BLOCK_M, BLOCK_C=CENTRE_BLOCK_C, **_launch_opts(),
         )  # fmt: skip
+        du = du.to(centre_logits.dtype)
     return dz, dq, du
 
 
@@ -290,6 +294,8 @@ def refuses(p: LossProblem) -> list[str]:
     reasons = []
     if p.pos_mask is not None:
         reasons.append("an explicit positive mask (SupCon `mask=`) is only supported by impl='reference'")
+    if getattr(p, "anchor_rows", None) is not None or getattr(p, "own_rows", None) is not None:
+        reasons.append("a process group (the kernels serve single-process problems; use impl='torch')")
     if p.z.dtype not in DTYPES:
         reasons.append(f"features of dtype {p.z.dtype} (the kernels take fp16/bf16/fp32; use impl='torch')")
     if p.z.is_cuda:
@@ -313,6 +319,54 @@ def triton_loss(p: LossProblem) -> Tensor:
         p.mode == "aligned", float(p.temperature), float(p.alpha), float(p.beta), float(p.supt), float(p.smooth),
     )  # fmt: skip
     return loss * p.loss_scale
+
+
+_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def specialisations():
+    """Every (kernel, signature, constexprs, attrs) the launchers above can compile on a GPU.
+
+    One entry per combination of data dtype (fp32 both with and without tf32), mode, centre block
+    and prior; pointers carry the 16-byte divisibility hint of PyTorch allocations, and the
+    sample kernels come with and without the hint on d. (Triton also specialises integer
+    arguments equal to 1; those variants are not listed.) Used by the sm90 compile test.
+    """
+    ptr = [["tt.divisibility", 16]]
+    for dtype in DTYPES:
+        tf32_options = (False, True) if dtype == torch.float32 else (None,)
+        for tf32 in tf32_options:
+            t = "*" + _TL[dtype]
+            for aligned in (False, True):
+                consts = _sample_constexprs(dtype, aligned, False, bool(tf32))
+                for d_hint in (False, True):
+                    for centres in (False, True):
+                        sig = {"zc_ptr": t, "y_ptr": "*i32", "ws_ptr": "*fp32", "wo_ptr": "*fp32",
+                               "cstats_ptr": "*fp32", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
+                               "n_anchor": "i32", "M": "i32", "D": "i32", "scale": "fp32", "alpha": "fp32"}
+                        c = dict(consts, HAS_CENTRES=centres)
+                        attrs = {(i,): ptr for i in range(7)} | ({(9,): ptr} if d_hint else {})
+                        yield K._fwd_kernel, sig, c, attrs
+                    sig = {"zc_ptr": t, "y_ptr": "*i32", "ws_ptr": "*fp32", "wo_ptr": "*fp32", "stats_ptr": "*fp32",
+                           "coef_ptr": "*fp32", "dzc_ptr": t, "n_anchor": "i32", "M": "i32", "n_out": "i32",
+                           "D": "i32", "scale": "fp32", "alpha": "fp32"}
+                    c = dict(consts, BLOCK_DO=BLOCK_DO, DL_LOW=dtype == torch.bfloat16)
+                    attrs = {(i,): ptr for i in range(7)} | ({(10,): ptr} if d_hint else {})
+                    yield K._bwd_kernel, sig, c, attrs
+            if tf32:
+                continue
+            for aligned in (False, True):
+                for prior in (False, True):
+                    c = {"HAS_PRIOR": prior, "ALIGNED": aligned, "BLOCK_M": CENTRE_BLOCK_M,
+                         "BLOCK_C": CENTRE_BLOCK_C}
+                    sig = {"u_ptr": t, "prior_ptr": "*fp32", "y_ptr": "*i32", "cstats_ptr": "*fp32",
+                           "n_anchor": "i32", "C": "i32", "stride_u": "i32", "inv_supt": "fp32",
+                           "t_own": "fp32", "t_off": "fp32"}
+                    yield K._centre_fwd_kernel, sig, dict(c), {(i,): ptr for i in range(4)}
+                    sig = {"u_ptr": t, "prior_ptr": "*fp32", "y_ptr": "*i32", "stats_ptr": "*fp32",
+                           "coef_ptr": "*fp32", "du_ptr": t, "n_anchor": "i32", "C": "i32", "stride_u": "i32",
+                           "stride_du": "i32", "inv_supt": "fp32", "t_own": "fp32", "t_off": "fp32"}
+                    yield K._centre_bwd_kernel, sig, dict(c), {(i,): ptr for i in range(6)}
 
 
 def similarity_flops(n_anchor: int, n_contrast: int, d: int) -> float:

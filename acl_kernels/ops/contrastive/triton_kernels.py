@@ -12,13 +12,20 @@ import triton
 import triton.language as tl
 
 # Start value of a running max: finite, so that exp(m_old - m_new) is never exp(-inf + inf).
-NO_MAX: tl.constexpr = -1.0e30
+NO_MAX = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _log1p(t):
+    # log(1 + t) accurate for tiny t (Goldberg's trick: the rounding of 1 + t cancels out)
+    u = 1.0 + t
+    return tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))
 
 
 @triton.jit
 def _softplus(x):
-    # log(1 + e^x) without overflow; 0 at x = -inf
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    # log(1 + e^x) without overflow and accurate where it is tiny (x << 0); 0 at x = -inf
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
 
 
 @triton.jit
@@ -65,7 +72,7 @@ def _dlogits(l, pos, g, m, log_mass, inv_a, r, alpha, ALIGNED: tl.constexpr):
         repel = g * tl.exp(lp) * r
         dl = tl.where(pos, attract, tl.where(g > 0, repel, 0.0))
     else:
-        prob = tl.where(g > 0, g * tl.exp(l - (m + log_mass)), 0.0)
+        prob = tl.where(g > 0, g * tl.exp((l - m) - log_mass), 0.0)  # l - m first: exact near the max
         dl = prob - tl.where(pos, alpha * inv_a, 0.0)
     return dl
 
@@ -370,7 +377,7 @@ def _centre_bwd_kernel(
         attract = -(t_own * inv_a) / (1.0 + tl.exp(lp - log_mass))
         dl = tl.where(own, attract, tl.exp(lp) * r)
     else:
-        dl = tl.exp(l - (m + log_mass)) - tl.where(own, t_own, t_off) * inv_a
+        dl = tl.exp((l - m) - log_mass) - tl.where(own, t_own, t_off) * inv_a
     du = tl.where(valid, dl * coef * inv_supt, 0.0)
     out = du_ptr + rows.to(tl.int64)[:, None] * stride_du + cls[None, :]
     tl.store(out, du.to(du_ptr.dtype.element_ty), mask=valid)

@@ -1,0 +1,235 @@
+"""Triton kernels vs the float64 reference under the Triton interpreter, on CPU tensors.
+
+Not collected directly (no test_ prefix): tests/test_triton_interpret.py runs this file in a
+subprocess with TRITON_INTERPRET=1, which must be set before the kernels are imported. Run by hand:
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/triton_interpret_cases.py
+"""
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
+
+from conftest import assert_close, assert_close_to_oracle, unit_rows  # noqa: E402
+
+from acl_kernels import ACLLoss, GPaCoLoss, PaCoLoss, SupConLoss, contrastive_loss  # noqa: E402
+from acl_kernels.ops.contrastive import triton_backend  # noqa: E402
+
+# masked lanes compute exp/log of values they then discard: numpy warns, the results are unaffected
+pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN: an unwritten row or tail fails the test."""
+    assert triton_backend.INTERPRET
+    monkeypatch.setattr(triton_backend, "POISON", True)
+
+
+def make_case(rng, n, d, n_classes, *, n_anchor=None, queue=0, centres=False, dtype=torch.float32,
+              labels=None, prior=True):
+    z = unit_rows(n, d, dtype=dtype, generator=rng).requires_grad_()
+    y = torch.randint(0, n_classes, (n,), generator=rng) if labels is None else labels
+    kw = {"n_anchor": n_anchor}
+    inputs = [z]
+    if queue:
+        q = unit_rows(queue, d, dtype=dtype, generator=rng).requires_grad_()
+        kw.update(queue=q, queue_labels=torch.randint(0, n_classes, (queue,), generator=rng))
+        inputs.append(q)
+    if centres:
+        u = (2 * torch.randn(n_anchor or n, n_classes, generator=rng)).to(dtype).requires_grad_()
+        kw["centre_logits"] = u
+        if prior:
+            kw["log_prior"] = torch.log_softmax(torch.randn(n_classes, generator=rng), 0)
+        inputs.append(u)
+    return z, y, kw, inputs
+
+
+def run(z, y, kw, inputs, impl, upstream, **extra):
+    losses = contrastive_loss(z, y, impl=impl, reduction="none", **kw, **extra)
+    grads = torch.autograd.grad(losses, inputs, upstream.to(losses.dtype))
+    return losses, grads
+
+
+def compare(z, y, kw, inputs, rtol=None, rng=None, **extra):
+    """triton vs the float64 reference on the same rounded inputs; value and every gradient under a
+    random upstream gradient. PyTorch's own error (reference in the input precision) widens the bar."""
+    rtol = RTOL[z.dtype] if rtol is None else rtol
+    inputs64 = [x.detach().double().requires_grad_() for x in inputs]
+    kw64, rest = dict(kw), iter(inputs64[1:])
+    for key in ("queue", "centre_logits"):
+        if key in kw:
+            kw64[key] = next(rest) if kw[key].requires_grad else kw[key].double()
+    n_anchor = kw.get("n_anchor") or z.shape[0]
+    upstream = torch.randn(n_anchor, dtype=torch.float64, generator=rng)
+    oracle = run(inputs64[0], y, kw64, inputs64, "reference", upstream, **extra)
+    base = run(z, y, kw, inputs, "reference", upstream, **extra)
+    got = run(z, y, kw, inputs, "triton", upstream, **extra)
+    assert got[0].dtype == torch.float32
+    assert_close_to_oracle(got[0], base[0], oracle[0], rtol, "loss")
+    for i, (g, b, o) in enumerate(zip(got[1], base[1], oracle[1])):
+        assert g.dtype == inputs[i].dtype
+        assert_close_to_oracle(g, b, o, rtol, f"grad[{i}]")
+
+
+MODES = ["softmax", "aligned"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "queue, centres, weighting",
+    [(0, False, "none"), (37, False, "batch"), (0, True, "prior"), (29, True, "batch")],
+)
+def test_blocks_and_weights(rng, mode, queue, centres, weighting):
+    z, y, kw, inputs = make_case(rng, 75, 40, 6, queue=queue, centres=centres)
+    prior = torch.rand(6, generator=rng) + 0.05
+    compare(z, y, kw, inputs, rng=rng, mode=mode, negative_weight=weighting, class_prior=prior, temperature=0.1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n, d", [(1, 16), (3, 3), (130, 130)])
+def test_sizes(rng, mode, n, d):
+    """Ragged N (one row, three rows, three row tiles with a tail) and d (one column, three chunks)."""
+    z, y, kw, inputs = make_case(rng, n, d, 4)
+    compare(z, y, kw, inputs, rng=rng, mode=mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(rng, mode, dtype):
+    z, y, kw, inputs = make_case(rng, 70, 48, 5, queue=20, centres=True, dtype=dtype)
+    compare(z, y, kw, inputs, rng=rng, mode=mode, negative_weight="batch")
+
+
+@pytest.mark.parametrize("mode, smooth", [("softmax", 0.0), ("softmax", 0.1), ("aligned", 0.0)])
+def test_anchor_subset_with_queue_and_centres(rng, mode, smooth):
+    """PaCo's layout: anchors are the first rows; key rows and queue rows get the column gradient only."""
+    z, y, kw, inputs = make_case(rng, 90, 24, 7, n_anchor=45, queue=33, centres=True)
+    compare(z, y, kw, inputs, rng=rng, mode=mode, smooth=smooth, gamma=0.7, alpha=0.3, beta=0.8, supt=0.9,
+            base_temperature=0.2, temperature=0.15)
+
+
+def test_detached_queue(rng):
+    z, y, kw, inputs = make_case(rng, 40, 16, 3, queue=25, centres=True)
+    kw["queue"] = kw["queue"].detach()
+    del inputs[1]
+    compare(z, y, kw, inputs, rng=rng, mode="aligned")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["all_equal", "all_distinct", "singleton"])
+def test_label_corner_cases(rng, mode, case):
+    n = 66
+    labels = {
+        "all_equal": torch.zeros(n, dtype=torch.long),
+        "all_distinct": torch.arange(n),
+        "singleton": torch.cat([torch.zeros(n - 1, dtype=torch.long), torch.ones(1, dtype=torch.long)]),
+    }[case]
+    z, y, kw, inputs = make_case(rng, n, 20, n, labels=labels)
+    compare(z, y, kw, inputs, rng=rng, mode=mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_small_temperature(rng, mode):
+    """Logits up to 1/T = 100 (e^100 overflows fp32): the online max must keep every exp finite."""
+    z, y, kw, inputs = make_case(rng, 50, 8, 3, centres=True)
+    compare(z, y, kw, inputs, rng=rng, mode=mode, temperature=0.01, supt=0.05)
+
+
+def test_presets(rng):
+    """Every preset runs on impl='triton' unchanged and matches impl='reference'."""
+    bsz, d, n_cls, k = 24, 32, 5, 16
+    y = torch.randint(0, n_cls, (bsz,), generator=rng)
+    feats = unit_rows(bsz, 2, d, generator=rng)
+    logits = torch.randn(bsz, n_cls, generator=rng)
+    counts = torch.randint(1, 50, (n_cls,), generator=rng).tolist()
+
+    def grads(make, impl, args):
+        args = [a.clone().requires_grad_() if a.is_floating_point() else a for a in args]
+        loss = make(impl)(*args)
+        floats = [a for a in args if a.requires_grad]
+        return [loss, *torch.autograd.grad(loss, floats)]
+
+    def paco(cls, impl):
+        m = cls(alpha=0.5, beta=1.0, gamma=1.0, temperature=0.2, K=k, num_classes=n_cls, impl=impl)
+        m.cal_weight_for_classes(counts)
+        return m
+
+    def acl(impl):
+        m = ACLLoss(n_cls, negative_weight="prior", impl=impl)
+        m.cal_weight_for_classes(counts)
+        return m
+
+    q = unit_rows(k, d, generator=rng)
+    qy = torch.randint(0, n_cls, (k,), generator=rng)
+    paco_feats = torch.cat([feats[:, 0], feats[:, 1], q])
+    paco_y = torch.cat([y, y, qy])
+    cases = {
+        "supcon": (lambda impl: SupConLoss(temperature=0.1, impl=impl), [feats, y]),
+        "supcon_one": (lambda impl: SupConLoss(contrast_mode="one", impl=impl), [feats, y]),
+        "paco": (lambda impl: paco(PaCoLoss, impl), [paco_feats, paco_y, logits]),
+        "gpaco": (lambda impl: paco(GPaCoLoss, impl), [paco_feats, paco_y, torch.cat([logits, logits])]),
+        "acl": (acl, [feats, y, torch.randn(bsz, 2, n_cls, generator=rng)]),
+    }
+    for name, (make, args) in cases.items():
+        for i, (a, b) in enumerate(zip(grads(make, "triton", args), grads(make, "reference", args))):
+            assert_close(a, b, 1e-4, f"{name}[{i}]")
+
+
+def test_backward_is_deterministic(rng):
+    z, y, kw, inputs = make_case(rng, 100, 40, 4, queue=20, centres=True)
+    upstream = torch.randn(100, dtype=torch.float64, generator=rng)
+    first = run(z, y, kw, inputs, "triton", upstream, mode="aligned")
+    second = run(z, y, kw, inputs, "triton", upstream, mode="aligned")
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]]):
+        assert torch.equal(a, b)
+
+
+def test_opcheck(rng):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the op."""
+    n, d, k, c = 20, 16, 8, 5
+    z = unit_rows(n, d, generator=rng).requires_grad_()
+    q = unit_rows(k, d, generator=rng).requires_grad_()
+    u = torch.randn(n, c, generator=rng, requires_grad=True)
+    y = torch.randint(0, c, (n + k,), generator=rng)
+    w = torch.rand(n + k, generator=rng) + 0.5
+    log_prior = torch.log_softmax(torch.randn(c, generator=rng), 0)
+    for aligned in (False, True):
+        args = (z, y, q, u, log_prior, w, w * 0.5, n, aligned, 0.1, 1.0, 1.0, 1.0, 0.0)
+        torch.library.opcheck(triton_backend.contrastive_fwd, args)
+
+
+def test_compiled_step_has_no_graph_break(rng):
+    """The op traces into one graph with its backward (contrastive_loss's own argument checks read
+    label values, so this compiles the op with the surrounding tensor code, not the checks)."""
+    n, c = 40, 4
+    x = torch.randn(n, 16, generator=rng, requires_grad=True)
+    u = torch.randn(n, c, generator=rng, requires_grad=True)
+    y = torch.randint(0, c, (n,), generator=rng)
+    w = torch.ones(n)
+
+    def step(x, u):
+        z = torch.nn.functional.normalize(x, dim=1)
+        loss, _ = triton_backend.contrastive_fwd(z, y, None, u, None, w, w, n, True, 0.1, 1.0, 1.0, 1.0, 0.0)
+        return loss.mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = compiled(x, u)
+    gx, gu = torch.autograd.grad(got, [x, u])
+    want = step(x, u)
+    wx, wu = torch.autograd.grad(want, [x, u])
+    for a, b, name in [(got, want, "loss"), (gx, wx, "dx"), (gu, wu, "du")]:
+        assert_close(a, b, 1e-6, name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_many_classes(rng, mode):
+    """C = 300 centre columns: three ragged chunks of the centre kernels."""
+    z, y, kw, inputs = make_case(rng, 70, 24, 300, centres=True, queue=10)
+    compare(z, y, kw, inputs, rng=rng, mode=mode, negative_weight="batch")
