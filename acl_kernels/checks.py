@@ -32,7 +32,7 @@ def labels(name: str, y, n: int, ref: Tensor, num_classes: int | None) -> Tensor
     if y.dim() != 1 or y.shape[0] != n:
         raise ValueError(f"{name} must have shape [{n}] (one label per row), got {tuple(y.shape)}")
     same_device(name, y, ref, "features")
-    if n:
+    if n and not torch.compiler.is_compiling():  # reading values would break a compiled graph
         lo, hi = int(y.min()), int(y.max())
         if lo < 0:
             raise ValueError(f"{name} must be >= 0, found {lo}")
@@ -60,7 +60,9 @@ def choice(name: str, v: str, options: tuple[str, ...]) -> str:
 
 
 def finite(name: str, x: Tensor | None) -> None:
-    if x is not None and not bool(torch.isfinite(x).all()):
+    if x is None or torch.compiler.is_compiling():  # a data-dependent branch would break a compiled graph
+        return
+    if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(
             f"{name} holds {bad} NaN/Inf values; fix the model/input (or pass check_finite=False to skip this check)"

@@ -90,7 +90,9 @@ def contrastive_loss(
         reference backend only).
     reduction: "mean" over anchors (anchors without a positive count as 0) | "sum" | "none" ([n_anchor]).
     impl: "auto" | "triton" | "torch" | "reference" (see acl_kernels.dispatch).
-    check_finite: raise on NaN/Inf inputs (one device sync); turn off for speed.
+    check_finite: raise on NaN/Inf inputs (one device sync); turn off for speed. Under torch.compile
+        the checks that read tensor values (this one, label ranges, class_prior) are skipped so the
+        compiled graph has no break; shapes, dtypes and devices are still checked.
     process_group: a torch.distributed group (e.g. torch.distributed.group.WORLD): the loss of the
         global batch. Each rank passes its local rows (features, labels, n_anchor, centre_logits of
         its anchors); anchors and contrasts span every rank's rows, anchors of all ranks counting as
@@ -306,9 +308,9 @@ def _check(
         if class_prior is None:
             raise ValueError("negative_weight='prior' needs class_prior (training-set class frequencies)")
         class_prior = checks.tensor("class_prior", class_prior).reshape(-1)
-        if int(yc.max()) >= class_prior.shape[0]:
+        if not torch.compiler.is_compiling() and int(yc.max()) >= class_prior.shape[0]:
             raise ValueError(f"class_prior has {class_prior.shape[0]} classes but a label is {int(yc.max())}")
-        if not bool((class_prior > 0).all()):
+        if not torch.compiler.is_compiling() and not bool((class_prior > 0).all()):
             raise ValueError("class_prior must be > 0 for every class")
     if pos_mask is not None:
         pos_mask = checks.tensor("pos_mask", pos_mask, ndim=2)

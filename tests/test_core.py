@@ -171,3 +171,20 @@ def test_env_var_forces_backend(rng, monkeypatch):
     contrastive_loss(z, y)
     assert calls == [1]
     monkeypatch.setattr(dispatch, "_BACKENDS", None)
+
+
+@pytest.mark.parametrize("mode", ["softmax", "aligned"])
+def test_torch_compile_fullgraph(rng, mode):
+    """A compiled training step keeps the loss in one graph (value checks are skipped under compile)."""
+    z, y, kw, inputs = make_case(rng, 48, 8, 4, centres=True)
+    kw.update(negative_weight="prior", class_prior=torch.rand(4, generator=rng) + 0.1)
+
+    def loss(z, u):
+        return contrastive_loss(z, y, mode=mode, impl="torch", **dict(kw, centre_logits=u))
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(*inputs)
+    expected = loss(*inputs)
+    assert_close(got, expected, 1e-6, "loss")
+    for g, e in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(expected, inputs)):
+        assert_close(g, e, 1e-6, "grad")
