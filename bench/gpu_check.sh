@@ -22,6 +22,11 @@ if ! $PY -c "import acl_kernels" 2>/dev/null; then
     $PY -m pip install -q --no-deps --no-build-isolation -e . || export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 fi
 $PY -c "import acl_kernels, sys; print('acl_kernels from', acl_kernels.__file__)" || exit 1
+# The device machines have no network and may lack pytest: prepare pure-Python wheels beforehand with
+#     pip download pytest -d .wheels     (git-ignored; pass .wheels in the device tool's carry list)
+if ! $PY -c "import pytest" 2>/dev/null && [ -d "${WHEELS:-.wheels}" ]; then
+    $PY -m pip install -q --no-index --find-links "${WHEELS:-.wheels}" pytest || true
+fi
 $PY -c "import pytest" 2>/dev/null || echo "pytest missing: tests skipped"
 
 status=0
