@@ -66,7 +66,12 @@ def _triton_backend() -> Backend:
     except ImportError as err:  # triton missing, or a platform without it
         reason = f"Triton is unavailable ({err})"
         return Backend("triton", _unavailable(reason), lambda p: [reason])
-    return Backend("triton", triton_backend.triton_loss, triton_backend.refuses)
+    return Backend(
+        "triton",
+        triton_backend.triton_loss,
+        triton_backend.refuses,
+        RowStats(triton_backend.row_statistics, triton_backend.row_gradients),
+    )
 
 
 def _unavailable(reason: str) -> Callable[[LossProblem], Tensor]:

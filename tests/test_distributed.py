@@ -253,7 +253,7 @@ def check_errors(rank, world, seed):
     queue = unit_rows(3, 8).requires_grad_()
     expect_error(lambda: call(queue=queue, queue_labels=torch.tensor([0, 1, 1])), "queue.detach")
     expect_error(lambda: SupConLoss(process_group=group)(z.view(4, 1, 8), mask=torch.eye(4)), "mask")
-    expect_error(lambda: call(impl="triton"), "process_group")
+    expect_error(lambda: call(impl="triton"), "impl=.triton. cannot compute")  # CPU tensors without the interpreter
     assert torch.isfinite(call())  # the group still works after the errors
 
 

@@ -101,32 +101,40 @@ def fwd(
     beta: float,
     supt: float,
     smooth: float,
+    anchors: slice | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """([n_anchor] fp32 losses without loss_scale, [n_anchor, 4] fp32 stats); labels [M], weights [M]."""
+    """([a] fp32 losses without loss_scale, [a, 4] fp32 stats) of the anchors `anchors` (default all
+    n_anchor; a process group passes its slice, and centre_logits then holds that slice's rows)
+    against all M columns; labels [M], weights [M]."""
     zc = _contrast(z, queue)
     _check(zc, labels, w_same, w_other)
     m_rows, d = zc.shape
     dev = zc.device
+    first, end = (0, n_anchor) if anchors is None else (anchors.start, anchors.stop)
+    n_here = end - first
     y = labels.to(torch.int32).contiguous()
     ws = w_same.to(torch.float32).contiguous()
     wo = w_other.to(torch.float32).contiguous()
-    loss = _empty((n_anchor,), torch.float32, dev)
-    stats = _empty((n_anchor, 4), torch.float32, dev)
+    loss = _empty((n_here,), torch.float32, dev)
+    stats = _empty((n_here, 4), torch.float32, dev)
+    if n_here == 0:
+        return loss, stats
     cstats = None
     if centre_logits is not None:
         u = _centres(centre_logits)
         n_cls = u.shape[1]
         t_own, t_off = _centre_targets(beta, smooth, n_cls, aligned)
-        cstats = _empty((n_anchor, 5), torch.float32, dev)
+        cstats = _empty((n_here, 5), torch.float32, dev)
         prior = log_prior.to(device=dev, dtype=torch.float32).contiguous() if log_prior is not None else cstats
-        K._centre_fwd_kernel[(triton.cdiv(n_anchor, CENTRE_BLOCK_M),)](
-            u, prior, y, cstats, n_anchor, n_cls, u.stride(0), 1.0 / supt, t_own, t_off,
+        y_here = y if first == 0 else y[first:end].clone()  # a fresh (aligned) buffer, as in one process
+        K._centre_fwd_kernel[(triton.cdiv(n_here, CENTRE_BLOCK_M),)](
+            u, prior, y_here, cstats, n_here, n_cls, u.stride(0), 1.0 / supt, t_own, t_off,
             HAS_PRIOR=log_prior is not None, ALIGNED=aligned,
             BLOCK_M=CENTRE_BLOCK_M, BLOCK_C=CENTRE_BLOCK_C, **_launch_opts(),
         )  # fmt: skip
-    K._fwd_kernel[(triton.cdiv(n_anchor, BLOCK_M),)](
+    K._fwd_kernel[(triton.cdiv(n_here, BLOCK_M),)](
         zc, y, ws, wo, cstats if cstats is not None else loss, loss, stats,
-        n_anchor, m_rows, d, 1.0 / temperature, alpha,
+        first, end, m_rows, d, 1.0 / temperature, alpha,
         HAS_CENTRES=cstats is not None, **sample_constexprs(zc.dtype, aligned), **_launch_opts(),
     )  # fmt: skip
     return loss, stats
@@ -152,8 +160,15 @@ def bwd(
     need_z: bool,
     need_queue: bool,
     need_centres: bool,
+    out_rows: Tensor | None = None,
+    anchors: slice | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(dz, dqueue, dcentre_logits), each None when not needed; coef [n_anchor] = dL/dloss_i."""
+    """(dz, dqueue, dcentre_logits), each None when not needed; coef [n_anchor] = dL/dloss_i.
+
+    A process group passes out_rows ([n_own] ascending global indices of its rows: dz is their
+    gradient, [n_own, d]; no queue gradient) and anchors (its slice of the anchors, whose rows
+    centre_logits holds); stats and coef are always those of all n_anchor anchors.
+    """
     zc = _contrast(z, queue)
     m_rows, d = zc.shape
     n = z.shape[0]
@@ -162,30 +177,40 @@ def bwd(
     coef = coef.to(torch.float32).contiguous()
     stats = stats.contiguous()
     dz = dq = du = None
+    if out_rows is not None and need_queue:
+        raise ValueError("triton backend: a process group's queue is a constant and gets no gradient")
     if need_z or need_queue:
-        n_out = m_rows if need_queue else n
+        n_out = (m_rows if need_queue else n) if out_rows is None else out_rows.shape[0]
         dzc = _empty((n_out, d), z.dtype, dev)
+        # int32 output-row indices (one process: the labels stand in, unread, for the same signature)
+        idx = y if out_rows is None else out_rows.to(device=dev, dtype=torch.int32).contiguous()
         consts = sample_constexprs(zc.dtype, aligned)
         consts["DL_LOW"] = zc.dtype == torch.bfloat16 and not INTERPRET
-        K._bwd_kernel[(triton.cdiv(n_out, BLOCK_M), triton.cdiv(d, BLOCK_DO))](
-            zc, y, w_same.to(torch.float32).contiguous(), w_other.to(torch.float32).contiguous(), stats, coef, dzc,
-            n_anchor, m_rows, n_out, d, 1.0 / temperature, alpha,
-            BLOCK_DO=BLOCK_DO, **consts, **_launch_opts(),
-        )  # fmt: skip
-        dz = dzc[:n] if need_z else None
+        if n_out > 0:
+            K._bwd_kernel[(triton.cdiv(n_out, BLOCK_M), triton.cdiv(d, BLOCK_DO))](
+                zc, y, w_same.to(torch.float32).contiguous(), w_other.to(torch.float32).contiguous(), stats, coef,
+                dzc, idx, n_anchor, m_rows, n_out, d, 1.0 / temperature, alpha,
+                ROW_INDEX=out_rows is not None, BLOCK_DO=BLOCK_DO, **consts, **_launch_opts(),
+            )  # fmt: skip
+        dz = (dzc[:n] if out_rows is None else dzc) if need_z else None
         dq = dzc[n:].clone() if need_queue else None  # outputs of an op may not alias
     if need_centres:
         u = _centres(centre_logits)
         n_cls = u.shape[1]
         t_own, t_off = _centre_targets(beta, smooth, n_cls, aligned)
         du = _empty(tuple(u.shape), u.dtype, dev)
+        n_here = n_anchor if anchors is None else anchors.stop - anchors.start
+        if anchors is not None and anchors.start != 0:
+            # this slice's labels, stats and upstream gradients, in fresh (aligned) buffers
+            y, stats, coef = (x[anchors].clone() for x in (y, stats, coef))
         prior = log_prior.to(device=dev, dtype=torch.float32).contiguous() if log_prior is not None else stats
-        grid = (triton.cdiv(n_anchor, CENTRE_BLOCK_M), triton.cdiv(n_cls, CENTRE_BLOCK_C))
-        K._centre_bwd_kernel[grid](
-            u, prior, y, stats, coef, du, n_anchor, n_cls, u.stride(0), du.stride(0), 1.0 / supt, t_own, t_off,
-            HAS_PRIOR=log_prior is not None, ALIGNED=aligned,
-            BLOCK_M=CENTRE_BLOCK_M, BLOCK_C=CENTRE_BLOCK_C, **_launch_opts(),
-        )  # fmt: skip
+        grid = (triton.cdiv(n_here, CENTRE_BLOCK_M), triton.cdiv(n_cls, CENTRE_BLOCK_C))
+        if n_here > 0:
+            K._centre_bwd_kernel[grid](
+                u, prior, y, stats, coef, du, n_here, n_cls, u.stride(0), du.stride(0), 1.0 / supt, t_own, t_off,
+                HAS_PRIOR=log_prior is not None, ALIGNED=aligned,
+                BLOCK_M=CENTRE_BLOCK_M, BLOCK_C=CENTRE_BLOCK_C, **_launch_opts(),
+            )  # fmt: skip
         du = du.to(centre_logits.dtype)
     return dz, dq, du
 
@@ -290,12 +315,11 @@ torch.library.register_autograd("acl_kernels::contrastive_fwd", _backward, setup
 
 
 def refuses(p: LossProblem) -> list[str]:
-    """Reasons the Triton backend cannot compute `p` ([] = it can)."""
+    """Reasons the Triton backend cannot compute `p` ([] = it can; a process group goes through
+    `row_statistics` / `row_gradients`)."""
     reasons = []
     if p.pos_mask is not None:
         reasons.append("an explicit positive mask (SupCon `mask=`) is only supported by impl='reference'")
-    if getattr(p, "anchor_rows", None) is not None or getattr(p, "own_rows", None) is not None:
-        reasons.append("a process group (the kernels serve single-process problems; use impl='torch')")
     if p.z.dtype not in DTYPES:
         reasons.append(f"features of dtype {p.z.dtype} (the kernels take fp16/bf16/fp32; use impl='torch')")
     if p.z.is_cuda:
@@ -311,6 +335,7 @@ def refuses(p: LossProblem) -> list[str]:
 
 def triton_loss(p: LossProblem) -> Tensor:
     """[n_anchor] per-anchor losses (times loss_scale), differentiable in z, queue and centre_logits."""
+    assert not p.distributed, "a process group goes through acl_kernels.distributed"
     reasons = refuses(p)
     if reasons:
         raise ValueError("impl='triton' cannot compute this loss: " + "; ".join(reasons))
@@ -321,6 +346,36 @@ def triton_loss(p: LossProblem) -> Tensor:
     return loss * p.loss_scale
 
 
+def row_statistics(p: LossProblem) -> tuple[Tensor, Tensor]:
+    """RowStats.forward: (losses [a] times loss_scale, stats [a, 4] fp32) of the anchors p.anchors
+    against all M columns (p.centre_logits holds those anchors' rows)."""
+    loss, stats = fwd(
+        p.z, p.contrast_labels(), p.queue, p.centre_logits, p.log_prior, p.w_same, p.w_other, p.n_anchor,
+        p.mode == "aligned", float(p.temperature), float(p.alpha), float(p.beta), float(p.supt), float(p.smooth),
+        anchors=p.anchors,
+    )  # fmt: skip
+    return loss * p.loss_scale, stats
+
+
+def row_gradients(
+    p: LossProblem, stats: Tensor, grad: Tensor, need_z: bool, need_u: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """RowStats.backward: (dL/dz of the rows p.own_rows [n_own, d], dL/du of the anchors p.anchors).
+
+    stats [n_anchor, 4] and grad [n_anchor] are every rank's anchors'. The same backward kernel as
+    one process, its output rows taken from the index vector p.own_rows: the row term of the own
+    anchors and the column term of all anchors against the own rows, from one similarity tile.
+    """
+    coef = grad.to(torch.float32) * p.loss_scale
+    need_u = need_u and p.centre_logits is not None
+    dz, _, du = bwd(
+        coef, stats, p.z, p.contrast_labels(), p.queue, p.centre_logits, p.log_prior, p.w_same, p.w_other,
+        p.n_anchor, p.mode == "aligned", float(p.temperature), float(p.alpha), float(p.beta), float(p.supt),
+        float(p.smooth), need_z, False, need_u, out_rows=p.own_rows, anchors=p.anchors,
+    )  # fmt: skip
+    return dz, du
+
+
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -328,9 +383,12 @@ def specialisations():
     """Every (kernel, signature, constexprs, attrs) the launchers above can compile on a GPU.
 
     One entry per combination of data dtype (fp32 both with and without tf32), mode, centre block
-    and prior; pointers carry the 16-byte divisibility hint of PyTorch allocations, and the
-    sample kernels come with and without the hint on d. (Triton also specialises integer
-    arguments equal to 1; those variants are not listed.) Used by the sm90 compile test.
+    and prior, and for the backward kernel with and without the output-row index vector of a
+    process group (ROW_INDEX); pointers carry the 16-byte divisibility hint of PyTorch allocations
+    (the per-anchor slices a process group needs are passed as fresh copies, not offset views),
+    and the sample kernels come with and without the hint on d. The forward kernel's row_start is
+    never specialised. (Triton also specialises integer arguments equal to 1; those variants are
+    not listed.) Used by the sm90 compile test.
     """
     ptr = [["tt.divisibility", 16]]
     for dtype in DTYPES:
@@ -343,16 +401,19 @@ def specialisations():
                     for centres in (False, True):
                         sig = {"zc_ptr": t, "y_ptr": "*i32", "ws_ptr": "*fp32", "wo_ptr": "*fp32",
                                "cstats_ptr": "*fp32", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
-                               "n_anchor": "i32", "M": "i32", "D": "i32", "scale": "fp32", "alpha": "fp32"}
+                               "row_start": "i32", "row_end": "i32", "M": "i32", "D": "i32", "scale": "fp32",
+                               "alpha": "fp32"}
                         c = dict(consts, HAS_CENTRES=centres)
-                        attrs = {(i,): ptr for i in range(7)} | ({(9,): ptr} if d_hint else {})
+                        attrs = {(i,): ptr for i in range(7)} | ({(10,): ptr} if d_hint else {})
                         yield K._fwd_kernel, sig, c, attrs
-                    sig = {"zc_ptr": t, "y_ptr": "*i32", "ws_ptr": "*fp32", "wo_ptr": "*fp32", "stats_ptr": "*fp32",
-                           "coef_ptr": "*fp32", "dzc_ptr": t, "n_anchor": "i32", "M": "i32", "n_out": "i32",
-                           "D": "i32", "scale": "fp32", "alpha": "fp32"}
-                    c = dict(consts, BLOCK_DO=BLOCK_DO, DL_LOW=dtype == torch.bfloat16)
-                    attrs = {(i,): ptr for i in range(7)} | ({(10,): ptr} if d_hint else {})
-                    yield K._bwd_kernel, sig, c, attrs
+                    for row_index in (False, True):  # one process / a process group's own rows
+                        sig = {"zc_ptr": t, "y_ptr": "*i32", "ws_ptr": "*fp32", "wo_ptr": "*fp32",
+                               "stats_ptr": "*fp32", "coef_ptr": "*fp32", "dzc_ptr": t, "rows_ptr": "*i32",
+                               "n_anchor": "i32", "M": "i32", "n_out": "i32", "D": "i32", "scale": "fp32",
+                               "alpha": "fp32"}
+                        c = dict(consts, BLOCK_DO=BLOCK_DO, DL_LOW=dtype == torch.bfloat16, ROW_INDEX=row_index)
+                        attrs = {(i,): ptr for i in range(8)} | ({(11,): ptr} if d_hint else {})
+                        yield K._bwd_kernel, sig, c, attrs
             if tf32:
                 continue
             for aligned in (False, True):
@@ -374,4 +435,13 @@ def similarity_flops(n_anchor: int, n_contrast: int, d: int) -> float:
     return 3 * 2.0 * n_anchor * n_contrast * d
 
 
-__all__ = ["refuses", "triton_loss", "contrastive_fwd", "contrastive_bwd", "fwd", "bwd"]
+__all__ = [
+    "refuses",
+    "triton_loss",
+    "row_statistics",
+    "row_gradients",
+    "contrastive_fwd",
+    "contrastive_bwd",
+    "fwd",
+    "bwd",
+]

@@ -135,7 +135,9 @@ def _centre_fwd_kernel(
     tl.store(out + 4, l_own, mask=rmask)
 
 
-@triton.jit
+# row_start is 0 in one process and any value for a process group's slice of the anchors: it is
+# not specialised (no divisibility variant), so both use the same compiled kernels.
+@triton.jit(do_not_specialize=["row_start"])
 def _fwd_kernel(
     zc_ptr,
     y_ptr,
@@ -144,7 +146,8 @@ def _fwd_kernel(
     cstats_ptr,
     loss_ptr,
     stats_ptr,
-    n_anchor,
+    row_start,
+    row_end,
     M,
     D,
     scale,
@@ -157,18 +160,21 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One program per tile of anchor rows; streams the M sample columns and writes, per anchor,
-    the loss (without loss_scale) and stats (m, log_mass, 1/A, R), merging the centre statistics.
+    """One program per tile of the anchor rows [row_start, row_end); streams the M sample columns
+    and writes, per anchor, the loss (without loss_scale) and stats (m, log_mass, 1/A, R), merging
+    the centre statistics. cstats, loss and stats are indexed from row_start (a process group's
+    slice of the anchors; 0 in one process).
 
     softmax: one sweep (online max, weighted sum-exp over g > 0, sum of positive logits).
     aligned: sweep 1 gives the max over negatives and positives and the negative mass N; sweep 2
     visits the positives: sum t softplus(log N - l_p) and R.
     """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_anchor
+    rows = row_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    local = rows - row_start
     ya = tl.load(y_ptr + rows, mask=rmask, other=-1)
     if HAS_CENTRES:
-        cs = cstats_ptr + rows * 5
+        cs = cstats_ptr + local * 5
         m = tl.load(cs + 0, mask=rmask, other=NO_MAX)
         mass = tl.load(cs + 1, mask=rmask, other=0.0)
         tsum_l = tl.load(cs + 2, mask=rmask, other=0.0)
@@ -232,8 +238,8 @@ def _fwd_kernel(
         log_mass = tl.where(mass > 0, tl.log(mass), 0.0)
         loss = tl.where(a > 0, m + log_mass - (tsum_l + alpha * pos_l) * inv_a, 0.0)
         r = tl.zeros((BLOCK_M,), tl.float32)
-    tl.store(loss_ptr + rows, loss, mask=rmask)
-    out = stats_ptr + rows * 4
+    tl.store(loss_ptr + local, loss, mask=rmask)
+    out = stats_ptr + local * 4
     tl.store(out + 0, m, mask=rmask)
     tl.store(out + 1, log_mass, mask=rmask)
     tl.store(out + 2, inv_a, mask=rmask)
@@ -249,6 +255,7 @@ def _bwd_kernel(
     stats_ptr,
     coef_ptr,
     dzc_ptr,
+    rows_ptr,
     n_anchor,
     M,
     n_out,
@@ -259,6 +266,7 @@ def _bwd_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     DL_LOW: tl.constexpr,
+    ROW_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -272,10 +280,17 @@ def _bwd_kernel(
     dl_ji needs only anchor j's stats, so one sweep over column tiles gives the whole gradient of
     the tile; where both terms exist (j < n_anchor) they share one similarity tile. Rows i beyond
     n_anchor (PaCo's keys, queue rows) get the second term only.
+
+    Output row k of dzc [n_out, D] is the gradient of row k (ROW_INDEX false: the rows [0, n_out))
+    or of row rows_ptr[k] (ROW_INDEX: a process group's own rows, ascending global indices).
     """
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_out
+    local = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = local < n_out
+    if ROW_INDEX:
+        rows = tl.load(rows_ptr + local, mask=rmask, other=M)
+    else:
+        rows = local
     ranchor = rows < n_anchor
     ya = tl.load(y_ptr + rows, mask=rmask, other=-1)
     ws_r = tl.load(ws_ptr + rows, mask=rmask, other=0.0)
@@ -291,7 +306,10 @@ def _bwd_kernel(
     domask = do < D
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     # a tile with an anchor row sees every column; otherwise only the anchor columns matter
-    hi = tl.where(pid * BLOCK_M < n_anchor, M, n_anchor)
+    if ROW_INDEX:
+        hi = tl.where(tl.min(rows) < n_anchor, M, n_anchor)
+    else:
+        hi = tl.where(pid * BLOCK_M < n_anchor, M, n_anchor)
     for j0 in range(0, hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
@@ -328,7 +346,7 @@ def _bwd_kernel(
             acc = tl.dot(dl.to(zj.dtype), zj, acc)
         else:  # fp16 or fp32 data: dl can underflow fp16, so the product runs in fp32 (or tf32)
             acc = tl.dot(dl, zj.to(tl.float32), acc, input_precision=PRECISION)
-    out = dzc_ptr + rows.to(tl.int64)[:, None] * D + do[None, :]
+    out = dzc_ptr + local.to(tl.int64)[:, None] * D + do[None, :]
     tl.store(out, (acc * scale).to(dzc_ptr.dtype.element_ty), mask=rmask[:, None] & domask[None, :])
 
 
