@@ -57,6 +57,8 @@ def test_smoke_cli(tmp_path, capsys, loader):
     "loss, extra",
     [
         ("acl", ["--queue-size", "48", "--n-views", "3"]),
+        ("acl", ["--queue-size", "48", "--amp", "bf16"]),  # the AMP path (CPU autocast)
+        ("paco", ["--queue-size", "48", "--amp", "bf16"]),
         ("paco", ["--queue-size", "48", "--head", "mlp_bn"]),
         ("gpaco", ["--queue-size", "48", "--smooth", "0.1"]),
         ("supcon", []),
