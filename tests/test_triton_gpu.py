@@ -100,3 +100,19 @@ def test_opcheck_cuda():
     for aligned in (False, True):
         args = (z, yc, q, u, kw["log_prior"], w, w, 300, aligned, 0.1, 1.0, 1.0, 1.0, 0.0)
         torch.library.opcheck(triton_backend.contrastive_fwd, args)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_a_device_other_than_the_current_one():
+    """Triton launches on the current device: the launchers must make the tensors' device current."""
+    torch.cuda.set_device(0)
+    z, y, kw, inputs = _case(300, 64, torch.float32, 8, queue=100, centres=8)
+    upstream = torch.randn(300, device="cuda:0", dtype=torch.float64)
+    want = _run(y, kw, inputs, "triton", upstream, mode="aligned")
+    on1 = {k: v.to("cuda:1") if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    got = _run(y.to("cuda:1"), on1, [x.to("cuda:1") for x in inputs], "triton", upstream.to("cuda:1"), mode="aligned")
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0
+    for a, b in zip(got, want):
+        assert a.device == torch.device("cuda:1")
+        torch.testing.assert_close(a.to("cuda:0"), b, rtol=1e-5, atol=1e-6)

@@ -204,6 +204,27 @@ def test_opcheck(rng):
         torch.library.opcheck(triton_backend.contrastive_fwd, args)
 
 
+def test_opcheck_non_contiguous_inputs(rng):
+    """Transposed z and centre logits: the real backward returns contiguous gradients, and so must
+    the fake implementation (torch.compile trusts its strides; empty_like would copy the input's)."""
+    n, d, k, c = 20, 16, 8, 5
+    z = unit_rows(n, d, generator=rng).T.contiguous().T.requires_grad_()  # [n, d], column-major
+    q = unit_rows(k, d, generator=rng).requires_grad_()
+    u = torch.randn(c, n, generator=rng).T.requires_grad_()
+    assert not z.is_contiguous() and not u.is_contiguous()
+    y = torch.randint(0, c, (n + k,), generator=rng)
+    w = torch.rand(n + k, generator=rng) + 0.5
+    log_prior = torch.log_softmax(torch.randn(c, generator=rng), 0)
+    for aligned in (False, True):
+        args = (z, y, q, u, log_prior, w, w * 0.5, n, aligned, 0.1, 1.0, 1.0, 1.0, 0.0)
+        torch.library.opcheck(triton_backend.contrastive_fwd, args)
+        _, stats = triton_backend.contrastive_fwd(*args)
+        grad = torch.randn(n, generator=rng)
+        plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # the backward has no backward
+        for need in [(True, True, True), (True, False, False), (False, True, True)]:
+            torch.library.opcheck(triton_backend.contrastive_bwd, (grad, stats.detach(), *plain, *need))
+
+
 def test_compiled_step_has_no_graph_break(rng):
     """The op traces into one graph with its backward (contrastive_loss's own argument checks read
     label values, so this compiles the op with the surrounding tensor code, not the checks)."""

@@ -10,6 +10,9 @@ Under the Triton interpreter (TRITON_INTERPRET=1 set before this module is first
 kernels run on CPU tensors; that is how they are tested without a GPU.
 """
 
+import contextlib
+import functools
+import inspect
 
 import torch
 import triton
@@ -37,6 +40,21 @@ def _empty(shape, dtype, device) -> Tensor:
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _on_device(launcher):
+    """Run `launcher` with the CUDA device of its argument `z` current: Triton launches on the
+    current device and stream, not on the tensors' device (CUDA tensors on another device than the
+    current one would be read from the wrong device)."""
+    signature = inspect.signature(launcher)
+
+    @functools.wraps(launcher)
+    def wrapped(*args, **kwargs):
+        dev = signature.bind(*args, **kwargs).arguments["z"].device
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            return launcher(*args, **kwargs)
+
+    return wrapped
 
 
 def _launch_opts() -> dict:
@@ -86,6 +104,7 @@ def _centre_targets(beta: float, smooth: float, n_cls: int, aligned: bool) -> tu
     return beta * (1.0 - smooth), (beta * smooth / (n_cls - 1) if n_cls > 1 else 0.0)
 
 
+@_on_device
 def fwd(
     z: Tensor,
     labels: Tensor,
@@ -140,6 +159,7 @@ def fwd(
     return loss, stats
 
 
+@_on_device
 def bwd(
     coef: Tensor,
     stats: Tensor,
@@ -279,9 +299,10 @@ def contrastive_bwd(
 @contrastive_bwd.register_fake
 def _(grad_loss, stats, z, labels, queue, centre_logits, log_prior, w_same, w_other, n_anchor, aligned,
       temperature, alpha, beta, supt, smooth, need_z, need_queue, need_centres):  # fmt: skip
-    dz = torch.empty_like(z) if need_z else z.new_empty((0,))
-    dq = torch.empty_like(queue) if need_queue else z.new_empty((0,))
-    du = torch.empty_like(centre_logits) if need_centres else z.new_empty((0,))
+    # contiguous like the real outputs (empty_like would copy the strides of a non-contiguous input)
+    dz = z.new_empty(z.shape) if need_z else z.new_empty((0,))
+    dq = z.new_empty(queue.shape) if need_queue else z.new_empty((0,))
+    du = centre_logits.new_empty(centre_logits.shape) if need_centres else z.new_empty((0,))
     return dz, dq, du
 
 
