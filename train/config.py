@@ -70,6 +70,9 @@ DEFAULTS: dict[str, Any] = {
     "amp": "auto",  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | none
     "channels_last": "auto",  # auto (on GPU) | true | false
     "compile": False,
+    # fp32 matmuls (the backbone under AMP off, and the fused loss: projections reach it in fp32) on
+    # tensor cores with tf32, as timm does; the loss's tolerance with tf32 is in DESIGN.md §4
+    "tf32": True,
     # run
     "output": "runs",
     "name": "",  # run folder under output; default: the config's name

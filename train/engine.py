@@ -265,6 +265,9 @@ def train(cfg: dict) -> dict:
     model = Model(
         cfg["arch"], num_classes, cfg["head"], cfg["proj_dim"] if cfg["loss"] in PROJECTING else 0, cfg["pretrained"]
     ).to(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg["tf32"])
+        torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
     channels_last = cfg["channels_last"] in (True, "true") or (cfg["channels_last"] == "auto" and device.type == "cuda")
     cfg["_channels_last"] = channels_last
     if channels_last:
