@@ -57,3 +57,26 @@ def rng():
     seed = int(os.environ.get("ACL_TEST_SEED") or int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
     print(f"seed={seed} (replay with ACL_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
+
+
+def make_case(rng, n, d, n_classes, *, n_anchor=None, queue=0, centres=False, dtype=torch.float32,
+              labels=None, prior=True):
+    """Unit rows z [n, d] (+ queue [queue, d], + centre logits) with random labels.
+
+    Returns (z, labels, keyword arguments of contrastive_loss, the inputs that require grad).
+    """
+    z = unit_rows(n, d, dtype=dtype, generator=rng).requires_grad_()
+    y = torch.randint(0, n_classes, (n,), generator=rng) if labels is None else labels
+    kw = {"n_anchor": n_anchor}
+    inputs = [z]
+    if queue:
+        q = unit_rows(queue, d, dtype=dtype, generator=rng).requires_grad_()
+        kw.update(queue=q, queue_labels=torch.randint(0, n_classes, (queue,), generator=rng))
+        inputs.append(q)
+    if centres:
+        u = (2 * torch.randn(n_anchor or n, n_classes, generator=rng)).to(dtype).requires_grad_()
+        kw["centre_logits"] = u
+        if prior:
+            kw["log_prior"] = torch.log_softmax(torch.randn(n_classes, generator=rng), 0)
+        inputs.append(u)
+    return z, y, kw, inputs

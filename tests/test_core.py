@@ -2,27 +2,10 @@
 
 import pytest
 import torch
-from conftest import assert_close, assert_close_to_oracle, unit_rows
+from conftest import assert_close, assert_close_to_oracle, make_case, unit_rows
 
 from acl_kernels import contrastive_loss
 from acl_kernels.ops.contrastive import chunked
-
-
-def make_case(rng, n, d, n_classes, *, n_anchor=None, queue=0, centres=False, dtype=torch.float32,
-              labels=None):
-    z = unit_rows(n, d, dtype=dtype, generator=rng).requires_grad_()
-    y = torch.randint(0, n_classes, (n,), generator=rng) if labels is None else labels
-    kw = {"n_anchor": n_anchor}
-    inputs = [z]
-    if queue:
-        q = unit_rows(queue, d, dtype=dtype, generator=rng).requires_grad_()
-        kw.update(queue=q, queue_labels=torch.randint(0, n_classes, (queue,), generator=rng))
-        inputs.append(q)
-    if centres:
-        u = (2 * torch.randn(n_anchor or n, n_classes, generator=rng)).to(dtype).requires_grad_()
-        kw.update(centre_logits=u, log_prior=torch.log_softmax(torch.randn(n_classes, generator=rng), 0))
-        inputs.append(u)
-    return z, y, kw, inputs
 
 
 def run(z, y, kw, inputs, impl, rng_state, **extra):

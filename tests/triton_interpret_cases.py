@@ -14,7 +14,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
 
-from conftest import assert_close, assert_close_to_oracle, unit_rows  # noqa: E402
+from conftest import assert_close, assert_close_to_oracle, make_case, unit_rows  # noqa: E402
 
 from acl_kernels import ACLLoss, GPaCoLoss, PaCoLoss, SupConLoss, contrastive_loss  # noqa: E402
 from acl_kernels.ops.contrastive import triton_backend  # noqa: E402
@@ -29,25 +29,6 @@ def poison(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: an unwritten row or tail fails the test."""
     assert triton_backend.INTERPRET
     monkeypatch.setattr(triton_backend, "POISON", True)
-
-
-def make_case(rng, n, d, n_classes, *, n_anchor=None, queue=0, centres=False, dtype=torch.float32,
-              labels=None, prior=True):
-    z = unit_rows(n, d, dtype=dtype, generator=rng).requires_grad_()
-    y = torch.randint(0, n_classes, (n,), generator=rng) if labels is None else labels
-    kw = {"n_anchor": n_anchor}
-    inputs = [z]
-    if queue:
-        q = unit_rows(queue, d, dtype=dtype, generator=rng).requires_grad_()
-        kw.update(queue=q, queue_labels=torch.randint(0, n_classes, (queue,), generator=rng))
-        inputs.append(q)
-    if centres:
-        u = (2 * torch.randn(n_anchor or n, n_classes, generator=rng)).to(dtype).requires_grad_()
-        kw["centre_logits"] = u
-        if prior:
-            kw["log_prior"] = torch.log_softmax(torch.randn(n_classes, generator=rng), 0)
-        inputs.append(u)
-    return z, y, kw, inputs
 
 
 def run(z, y, kw, inputs, impl, upstream, **extra):
