@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_common import CACHE, small_cfg
+from train_common import small_args, small_cfg
 
 from train import engine
 from train.__main__ import main
@@ -18,28 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("loader", ["dali", "pytorch"])
 def test_smoke_cli(tmp_path, capsys, loader):
-    args = [
-        "--cache-dir",
-        str(CACHE),
-        "--output",
-        str(tmp_path),
-        "--epochs",
-        "1",
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "32",
-        "--max-eval-batches",
-        "3",
-        "--workers",
-        "1",
-        "--threads",
-        "1",
-        "--data-loader",
-        loader,
-        "--progress",
-        "false",
-    ]
+    args = small_args(tmp_path, "--max-steps", "3", "--max-eval-batches", "3", "--data-loader", loader,
+                      "--tensorboard", "true", "--plot", "true", "--n-views", "4")
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "final (mnist_lt_acl): top-1" in out and "Many" in out and "Few" in out
@@ -171,30 +151,7 @@ def test_ddp_two_processes_gloo(tmp_path):
         "--nproc_per_node=2",
         "-m",
         "train",
-        "--cache-dir",
-        str(CACHE),
-        "--output",
-        str(tmp_path),
-        "--epochs",
-        "1",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "32",
-        "--max-eval-batches",
-        "2",
-        "--workers",
-        "1",
-        "--threads",
-        "1",
-        "--progress",
-        "false",
-        "--tensorboard",
-        "false",
-        "--plot",
-        "false",
-        "--queue-size",
-        "32",
+        *small_args(tmp_path, "--queue-size", "32", "--n-views", "4"),
     ]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

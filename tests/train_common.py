@@ -7,34 +7,17 @@ from train import config
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "acl-train-tests"
 
 
+def small_args(tmp_path, *args: str) -> list[str]:
+    """Command-line arguments of the embedded MNIST-LT default made tiny: a few steps, a few
+    evaluation batches, 1 thread, no logs or plots (later arguments override earlier ones)."""
+    return [
+        *("--cache-dir", str(CACHE), "--output", str(tmp_path), "--epochs", "1", "--max-steps", "2"),
+        *("--batch-size", "32", "--n-views", "2", "--max-eval-batches", "2", "--workers", "1"),
+        *("--threads", "1", "--progress", "false", "--tensorboard", "false", "--plot", "false"),
+        *args,
+    ]
+
+
 def small_cfg(tmp_path, *args: str) -> dict:
-    """The embedded MNIST-LT default made tiny: a few steps, a few evaluation batches, 1 thread."""
-    return config.resolve(
-        [
-            "--cache-dir",
-            str(CACHE),
-            "--output",
-            str(tmp_path),
-            "--epochs",
-            "1",
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "32",
-            "--n-views",
-            "2",
-            "--max-eval-batches",
-            "2",
-            "--workers",
-            "1",
-            "--threads",
-            "1",
-            "--progress",
-            "false",
-            "--tensorboard",
-            "false",
-            "--plot",
-            "false",
-            *args,
-        ]
-    )
+    """The resolved config of `small_args`."""
+    return config.resolve(small_args(tmp_path, *args))
