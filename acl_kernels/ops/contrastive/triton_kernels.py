@@ -60,6 +60,19 @@ def _similarity(
 
 
 @triton.jit
+def _anchor_terms(stats_ptr, coef_ptr, idx, mask):
+    """(m, log_mass, 1/A, R, coef) of anchors `idx`; coef (upstream gradient x loss scale) is 0 for an
+    anchor without a target, whose loss is the constant 0. 0 where `mask` is off."""
+    st = stats_ptr + idx * 4
+    m = tl.load(st + 0, mask=mask, other=0.0)
+    log_mass = tl.load(st + 1, mask=mask, other=0.0)
+    inv_a = tl.load(st + 2, mask=mask, other=0.0)
+    r = tl.load(st + 3, mask=mask, other=0.0)
+    coef = tl.load(coef_ptr + idx, mask=mask, other=0.0)
+    return m, log_mass, inv_a, r, tl.where(inv_a > 0, coef, 0.0)
+
+
+@triton.jit
 def _dlogits(l, pos, g, m, log_mass, inv_a, r, alpha, ALIGNED: tl.constexpr):
     """dL_i/dl of sample logits (without the upstream coefficient); the stats broadcast along i.
 
@@ -295,13 +308,7 @@ def _bwd_kernel(
     ya = tl.load(y_ptr + rows, mask=rmask, other=-1)
     ws_r = tl.load(ws_ptr + rows, mask=rmask, other=0.0)
     wo_r = tl.load(wo_ptr + rows, mask=rmask, other=0.0)
-    st = stats_ptr + rows * 4
-    m_r = tl.load(st + 0, mask=ranchor, other=0.0)
-    lm_r = tl.load(st + 1, mask=ranchor, other=0.0)
-    ia_r = tl.load(st + 2, mask=ranchor, other=0.0)
-    r_r = tl.load(st + 3, mask=ranchor, other=0.0)
-    co_r = tl.load(coef_ptr + rows, mask=ranchor, other=0.0)
-    co_r = tl.where(ia_r > 0, co_r, 0.0)
+    m_r, lm_r, ia_r, r_r, co_r = _anchor_terms(stats_ptr, coef_ptr, rows, ranchor)
     do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     domask = do < D
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
@@ -317,13 +324,7 @@ def _bwd_kernel(
         yc = tl.load(y_ptr + cols, mask=cmask, other=-2)
         ws_c = tl.load(ws_ptr + cols, mask=cmask, other=0.0)
         wo_c = tl.load(wo_ptr + cols, mask=cmask, other=0.0)
-        sc = stats_ptr + cols * 4
-        m_c = tl.load(sc + 0, mask=canchor, other=0.0)
-        lm_c = tl.load(sc + 1, mask=canchor, other=0.0)
-        ia_c = tl.load(sc + 2, mask=canchor, other=0.0)
-        r_c = tl.load(sc + 3, mask=canchor, other=0.0)
-        co_c = tl.load(coef_ptr + cols, mask=canchor, other=0.0)
-        co_c = tl.where(ia_c > 0, co_c, 0.0)
+        m_c, lm_c, ia_c, r_c, co_c = _anchor_terms(stats_ptr, coef_ptr, cols, canchor)
         l = _similarity(zc_ptr, rows, rmask, cols, cmask, D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         l = l * scale
         same = ya[:, None] == yc[None, :]
@@ -377,13 +378,8 @@ def _centre_bwd_kernel(
     cmask = cls < C
     valid = rmask[:, None] & cmask[None, :]
     ya = tl.load(y_ptr + rows, mask=rmask, other=-1)
-    st = stats_ptr + rows * 4
-    m = tl.load(st + 0, mask=rmask, other=0.0)[:, None]
-    log_mass = tl.load(st + 1, mask=rmask, other=0.0)[:, None]
-    inv_a = tl.load(st + 2, mask=rmask, other=0.0)[:, None]
-    r = tl.load(st + 3, mask=rmask, other=0.0)[:, None]
-    coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)[:, None]
-    coef = tl.where(inv_a > 0, coef, 0.0)
+    m, log_mass, inv_a, r, coef = _anchor_terms(stats_ptr, coef_ptr, rows, rmask)
+    m, log_mass, inv_a, r, coef = m[:, None], log_mass[:, None], inv_a[:, None], r[:, None], coef[:, None]
     l = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_u + cls[None, :], mask=valid, other=0.0)
     l = l.to(tl.float32)
     if HAS_PRIOR:
