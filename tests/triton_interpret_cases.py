@@ -171,36 +171,36 @@ def test_backward_is_deterministic(rng):
         assert torch.equal(a, b)
 
 
-def test_opcheck(rng):
-    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the op."""
+def _op_args(rng, aligned, column_major=False):
+    """Arguments of the contrastive_fwd op: 20 anchors + 8 queue rows, d = 16, 5 classes."""
     n, d, k, c = 20, 16, 8, 5
-    z = unit_rows(n, d, generator=rng).requires_grad_()
+    z = unit_rows(n, d, generator=rng)
+    u = torch.randn(n, c, generator=rng)
+    if column_major:
+        z, u = z.T.contiguous().T, u.T.contiguous().T
+        assert not z.is_contiguous() and not u.is_contiguous()
+    z, u = z.requires_grad_(), u.requires_grad_()
     q = unit_rows(k, d, generator=rng).requires_grad_()
-    u = torch.randn(n, c, generator=rng, requires_grad=True)
     y = torch.randint(0, c, (n + k,), generator=rng)
     w = torch.rand(n + k, generator=rng) + 0.5
     log_prior = torch.log_softmax(torch.randn(c, generator=rng), 0)
+    return (z, y, q, u, log_prior, w, w * 0.5, n, aligned, 0.1, 1.0, 1.0, 1.0, 0.0)
+
+
+def test_opcheck(rng):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the op."""
     for aligned in (False, True):
-        args = (z, y, q, u, log_prior, w, w * 0.5, n, aligned, 0.1, 1.0, 1.0, 1.0, 0.0)
-        torch.library.opcheck(triton_backend.contrastive_fwd, args)
+        torch.library.opcheck(triton_backend.contrastive_fwd, _op_args(rng, aligned))
 
 
 def test_opcheck_non_contiguous_inputs(rng):
     """Transposed z and centre logits: the real backward returns contiguous gradients, and so must
     the fake implementation (torch.compile trusts its strides; empty_like would copy the input's)."""
-    n, d, k, c = 20, 16, 8, 5
-    z = unit_rows(n, d, generator=rng).T.contiguous().T.requires_grad_()  # [n, d], column-major
-    q = unit_rows(k, d, generator=rng).requires_grad_()
-    u = torch.randn(c, n, generator=rng).T.requires_grad_()
-    assert not z.is_contiguous() and not u.is_contiguous()
-    y = torch.randint(0, c, (n + k,), generator=rng)
-    w = torch.rand(n + k, generator=rng) + 0.5
-    log_prior = torch.log_softmax(torch.randn(c, generator=rng), 0)
     for aligned in (False, True):
-        args = (z, y, q, u, log_prior, w, w * 0.5, n, aligned, 0.1, 1.0, 1.0, 1.0, 0.0)
+        args = _op_args(rng, aligned, column_major=True)
         torch.library.opcheck(triton_backend.contrastive_fwd, args)
         _, stats = triton_backend.contrastive_fwd(*args)
-        grad = torch.randn(n, generator=rng)
+        grad = torch.randn(args[7], generator=rng)
         plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # the backward has no backward
         for need in [(True, True, True), (True, False, False), (False, True, True)]:
             torch.library.opcheck(triton_backend.contrastive_bwd, (grad, stats.detach(), *plain, *need))
