@@ -13,6 +13,7 @@ kernels run on CPU tensors; that is how they are tested without a GPU.
 import contextlib
 import functools
 import inspect
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,15 +26,42 @@ from .problem import LossProblem
 INTERPRET = not isinstance(K._fwd_kernel, triton.runtime.JITFunction)
 # Tests set this to fill every buffer the launchers allocate with NaN, so unwritten tails fail.
 POISON = False
-
-BLOCK_M = 64  # anchor rows per program
-BLOCK_N = 64  # contrast columns per step
-BLOCK_D = 64  # feature chunk of the similarity dot (any d: a loop over chunks)
-BLOCK_DO = 64  # feature chunk of the gradient one backward program writes
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CENTRE_BLOCK_M = 32
 CENTRE_BLOCK_C = 128
-NUM_WARPS = 4
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CENTRE_WARPS = 4
+# The one-exp form of the backward's off-band tiles needs 2^(s k2 - cbar) <= 2^EXP_HEADROOM (no
+# overflow) and every anchor's shift within EXP_HEADROOM of cbar (no underflow of its factor).
+EXP_HEADROOM = 100.0
+# fp16 gradient products: dl is scaled so that max |coef| becomes 2^FP16_GUARD before rounding to fp16
+# (|dl| <= 2^(FP16_GUARD + 2) stays far below fp16's 65504; small probabilities stay normal numbers).
+FP16_GUARD = 8
+
+
+class Tiles(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Per kernel and feature-width class: the first entry is the default, the rest the autotune set.
+# Forward: whole-d tiles up to D = 256 (the anchor tile stays in shared memory for the program);
+# backward: a [BLOCK_M, D] fp32 accumulator, so narrower row tiles at D = 256 and beyond.
+FWD_TILES = {
+    128: [Tiles(128, 128, 8, 3), Tiles(128, 64, 8, 3), Tiles(64, 128, 4, 3)],
+    256: [Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 3), Tiles(128, 128, 8, 1)],
+    512: [Tiles(128, 128, 8, 2), Tiles(128, 64, 8, 3), Tiles(64, 128, 4, 3)],
+}
+BWD_TILES = {
+    128: [Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 3), Tiles(128, 32, 8, 3)],
+    256: [Tiles(64, 64, 4, 2), Tiles(128, 64, 8, 2), Tiles(64, 32, 4, 3)],
+    512: [Tiles(64, 64, 4, 2), Tiles(64, 32, 4, 3), Tiles(128, 32, 8, 2)],
+}
+# Under the interpreter: one small config, so that the tests' small batches span several tiles.
+INTERPRET_TILES = Tiles(32, 32, 4, 1)
+WHOLE_D_MAX = 256  # beyond: the similarity in chunks of CHUNK_K, the backward output in chunks of WHOLE_D_MAX
+CHUNK_K = 128
 
 
 def _empty(shape, dtype, device) -> Tensor:
@@ -57,27 +85,44 @@ def _on_device(launcher):
     return wrapped
 
 
-def _launch_opts() -> dict:
-    return {} if INTERPRET else {"num_warps": NUM_WARPS}
+def feature_block(d: int) -> int:
+    """The constexpr D of the sample kernels for feature width d: a power of two >= 16."""
+    return max(16, triton.next_power_of_2(d))
 
 
-def sample_constexprs(dtype: torch.dtype, aligned: bool) -> dict:
-    """The constexpr arguments the sample kernels get for data of `dtype` (one specialisation)."""
-    return _sample_constexprs(dtype, aligned, INTERPRET, torch.backends.cuda.matmul.allow_tf32)
+def width_class(D: int) -> int:
+    return 128 if D <= 128 else (256 if D <= WHOLE_D_MAX else 512)
 
 
-def _sample_constexprs(dtype: torch.dtype, aligned: bool, interpret: bool, tf32: bool) -> dict:
-    # fp16 data: the backward product of fp32 dl with the rows runs in tf32 (fp16's mantissa, fp32's
-    # range); fp32 data: tf32 only where PyTorch's own matmuls use it.
-    precision = "tf32" if dtype == torch.float16 or (dtype == torch.float32 and tf32) else "ieee"
+def sample_constexprs(dtype: torch.dtype, aligned: bool, D: int, interpret: bool, tf32: bool) -> dict:
+    """The constexpr arguments shared by the sample kernels for data of `dtype` and width D."""
+    precision = "ieee" if dtype == torch.float32 and not tf32 else "tf32"
     return {
         "ALIGNED": aligned,
-        "UPCAST": interpret and dtype == torch.bfloat16,
+        "UPCAST": interpret and dtype != torch.float32,
         "PRECISION": precision,
-        "BLOCK_M": BLOCK_M,
-        "BLOCK_N": BLOCK_N,
-        "BLOCK_D": BLOCK_D,
+        "D": D,
+        "BLOCK_K": D if D <= WHOLE_D_MAX else CHUNK_K,
     }
+
+
+def gemm_passes(kernel: str, mode: str, d: int, band_fraction: float = 0.0) -> tuple[float, float]:
+    """(similarity passes, gradient-product passes) per element pair of a sample kernel: how often a
+    similarity tile is computed and how often a [tile] x [tile, d] product runs, from the launch
+    structure (the backward recomputes the similarity once per output chunk of the features)."""
+    D = feature_block(d)
+    if kernel == "fwd":
+        return (1.0 + (band_fraction if mode == "aligned" else 0.0), 0.0)
+    chunks = 1 if D <= WHOLE_D_MAX else triton.cdiv(D, WHOLE_D_MAX)
+    return (float(chunks), 1.0)
+
+
+def similarity_flops(
+    n_anchor: int, n_contrast: int, d: int, mode: str = "softmax", band_fraction: float = 0.02
+) -> float:
+    """FLOPs of the similarity-sized GEMM passes the kernels run for one forward + backward."""
+    passes = sum(gemm_passes("fwd", mode, d, band_fraction)) + sum(gemm_passes("bwd", mode, d))
+    return passes * 2.0 * n_anchor * n_contrast * d
 
 
 def _check(z: Tensor, labels: Tensor, w_same: Tensor, w_other: Tensor) -> None:
@@ -102,6 +147,59 @@ def _centre_targets(beta: float, smooth: float, n_cls: int, aligned: bool) -> tu
     if aligned or smooth == 0:
         return beta, 0.0
     return beta * (1.0 - smooth), (beta * smooth / (n_cls - 1) if n_cls > 1 else 0.0)
+
+
+class _Sorted(NamedTuple):
+    """The contrast rows sorted by label (stable), and what the kernels need of them."""
+
+    zs: Tensor  # [M, d] sorted rows
+    y: Tensor  # [M] int32 sorted labels
+    band: Tensor  # [2, M] int32 first / one-past-last sorted position of each row's label
+    bias: Tensor  # [2, M] fp32 log2 of the weight of each column for its own label / another label
+    perm: Tensor  # [M] int64 original row of each sorted position
+    where: Tensor  # [M] int64 sorted position of each original row
+
+
+def _sort(zc: Tensor, labels: Tensor, w_same: Tensor, w_other: Tensor) -> _Sorted:
+    y = labels.to(device=zc.device, dtype=torch.int64)
+    perm = torch.argsort(y, stable=True)
+    ys = y[perm].contiguous()
+    band = torch.stack([torch.searchsorted(ys, ys), torch.searchsorted(ys, ys, right=True)]).to(torch.int32)
+    w = torch.stack([w_same, w_other]).to(device=zc.device, dtype=torch.float32)[:, perm]
+    where = torch.empty_like(perm)
+    where[perm] = torch.arange(perm.shape[0], device=perm.device)
+    return _Sorted(zc[perm].contiguous(), ys.to(torch.int32), band.contiguous(), w.log2().contiguous(), perm, where)
+
+
+def _row_set(srt: _Sorted, rows: Tensor) -> Tensor:
+    """[2, n] int32: the sorted positions of original `rows`, ascending, and the index in `rows`
+    of each (where the kernel stores its result)."""
+    positions, order = torch.sort(srt.where[rows])
+    return torch.stack([positions, order]).to(torch.int32).contiguous()
+
+
+def _int64(*sizes: int) -> bool:
+    return max(sizes) >= 2**31
+
+
+def _launch(kernel, kind: str, D: int, grid, args: tuple, consts: dict) -> None:
+    """Launch a sample kernel: the interpreter's single tile config, or the autotuned set on a GPU."""
+    if INTERPRET:
+        t = INTERPRET_TILES
+        meta = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}
+        kernel[grid(meta)](*args, **consts, **meta)
+        return
+    _tuned(kernel, kind, width_class(D))[grid](*args, **consts)
+
+
+@functools.cache
+def _tuned(kernel, kind: str, width: int):
+    tiles = (FWD_TILES if kind == "fwd" else BWD_TILES)[width]
+    configs = [
+        triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps, num_stages=t.num_stages)
+        for t in tiles
+    ]
+    return triton.autotune(configs=configs, key=["D", "ALIGNED", "PRECISION", "INT64"])(kernel)
 
 
 @_on_device
@@ -131,9 +229,6 @@ def fwd(
     dev = zc.device
     first, end = (0, n_anchor) if anchors is None else (anchors.start, anchors.stop)
     n_here = end - first
-    y = labels.to(torch.int32).contiguous()
-    ws = w_same.to(torch.float32).contiguous()
-    wo = w_other.to(torch.float32).contiguous()
     loss = _empty((n_here,), torch.float32, dev)
     stats = _empty((n_here, 4), torch.float32, dev)
     if n_here == 0:
@@ -145,18 +240,61 @@ def fwd(
         t_own, t_off = _centre_targets(beta, smooth, n_cls, aligned)
         cstats = _empty((n_here, 5), torch.float32, dev)
         prior = log_prior.to(device=dev, dtype=torch.float32).contiguous() if log_prior is not None else cstats
-        y_here = y if first == 0 else y[first:end].clone()  # a fresh (aligned) buffer, as in one process
+        y_here = labels[first:end].to(device=dev, dtype=torch.int32).contiguous()
         K._centre_fwd_kernel[(triton.cdiv(n_here, CENTRE_BLOCK_M),)](
             u, prior, y_here, cstats, n_here, n_cls, u.stride(0), 1.0 / supt, t_own, t_off,
             HAS_PRIOR=log_prior is not None, ALIGNED=aligned,
-            BLOCK_M=CENTRE_BLOCK_M, BLOCK_C=CENTRE_BLOCK_C, **_launch_opts(),
+            BLOCK_M=CENTRE_BLOCK_M, BLOCK_C=CENTRE_BLOCK_C, **_centre_opts(),
         )  # fmt: skip
-    K._fwd_kernel[(triton.cdiv(n_here, BLOCK_M),)](
-        zc, y, ws, wo, cstats if cstats is not None else loss, loss, stats,
-        first, end, m_rows, d, 1.0 / temperature, alpha,
-        HAS_CENTRES=cstats is not None, **sample_constexprs(zc.dtype, aligned), **_launch_opts(),
+    srt = _sort(zc, labels, w_same, w_other)
+    arow = _row_set(srt, torch.arange(first, end, device=dev))
+    D = feature_block(d)
+    consts = sample_constexprs(zc.dtype, aligned, D, INTERPRET, torch.backends.cuda.matmul.allow_tf32)
+    _launch(
+        K._fwd_kernel, "fwd", D, lambda meta: (triton.cdiv(n_here, meta["BLOCK_M"]),),
+        (srt.zs, srt.y, srt.band, srt.bias, arow, cstats if cstats is not None else loss, loss, stats,
+         n_here, m_rows, d, LOG2E / temperature, alpha),
+        dict(consts, HAS_CENTRES=cstats is not None, INT64=_int64(m_rows * d)),
     )  # fmt: skip
     return loss, stats
+
+
+LOG2E = 1.4426950408889634
+
+
+def _backward_rows(srt: _Sorted, stats: Tensor, coef: Tensor, n_anchor: int, aligned: bool, dtype: torch.dtype,
+                   k2: float, temperature: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(rowv [ROWV, M] fp32 per sorted row, scal [3] fp32 = (cbar, output scale, one-exp flag)); no
+    host synchronisation: everything stays on the device."""
+    m, log_mass, inv_a, r = stats.unbind(1)
+    coef = torch.where(inv_a > 0, coef, 0.0)
+    if dtype == torch.float16:  # keep the fp16-rounded dl inside fp16's normal range
+        top = coef.abs().amax().clamp_min(1e-30)
+        guard = torch.exp2((FP16_GUARD - torch.ceil(torch.log2(top))).clamp(-120, 120))
+    else:
+        guard = torch.ones((), device=coef.device)
+    coef = coef * guard
+    m2, lm2 = m * LOG2E, log_mass * LOG2E
+    c = m2 - torch.log2(r) if aligned else m2 + lm2
+    c = torch.where((coef != 0) & ~torch.isnan(c), c, float("inf"))
+    finite = torch.isfinite(c)
+    cbar = torch.where(finite, c, float("inf")).amin()
+    cbar = torch.where(torch.isfinite(cbar), cbar, 0.0)
+    spread = torch.where(finite, c - cbar, 0.0).amax()
+    n_max = srt.zs.float().norm(dim=1).amax()
+    one_exp = (spread <= EXP_HEADROOM) & (k2 * n_max * n_max - cbar <= EXP_HEADROOM)
+    f = coef * torch.exp2(cbar - c)
+    m_rows = srt.zs.shape[0]
+    per_anchor = torch.stack([c, coef, m2, lm2, inv_a, f])  # rows ROW_C .. ROW_F
+    fill = torch.tensor([float("inf"), 0, 0, 0, 0, 0], device=c.device)[:, None].expand(-1, m_rows - n_anchor)
+    rowv = torch.cat([torch.cat([per_anchor, fill], 1)[:, srt.perm], torch.exp2(srt.bias[1:2])])
+    assert rowv.shape[0] == K.ROWV
+    scal = torch.stack([cbar, 1.0 / (temperature * guard), one_exp.float()]).float()
+    return rowv.contiguous(), scal
+
+
+def _centre_opts() -> dict:
+    return {} if INTERPRET else {"num_warps": CENTRE_WARPS}
 
 
 @_on_device
@@ -185,36 +323,40 @@ def bwd(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dz, dqueue, dcentre_logits), each None when not needed; coef [n_anchor] = dL/dloss_i.
 
-    A process group passes out_rows ([n_own] ascending global indices of its rows: dz is their
-    gradient, [n_own, d]; no queue gradient) and anchors (its slice of the anchors, whose rows
-    centre_logits holds); stats and coef are always those of all n_anchor anchors.
+    A process group passes out_rows ([n_own] global indices of its rows: dz is their gradient,
+    [n_own, d]; no queue gradient) and anchors (its slice of the anchors, whose rows centre_logits
+    holds); stats and coef are always those of all n_anchor anchors.
     """
     zc = _contrast(z, queue)
     m_rows, d = zc.shape
     n = z.shape[0]
     dev = zc.device
-    y = labels.to(torch.int32).contiguous()
     coef = coef.to(torch.float32).contiguous()
-    stats = stats.contiguous()
+    stats = stats.to(torch.float32).contiguous()
     dz = dq = du = None
     if out_rows is not None and need_queue:
         raise ValueError("triton backend: a process group's queue is a constant and gets no gradient")
     if need_z or need_queue:
         n_out = (m_rows if need_queue else n) if out_rows is None else out_rows.shape[0]
         dzc = _empty((n_out, d), z.dtype, dev)
-        # int32 output-row indices (one process: the labels stand in, unread, for the same signature)
-        idx = y if out_rows is None else out_rows.to(device=dev, dtype=torch.int32).contiguous()
-        consts = sample_constexprs(zc.dtype, aligned)
-        consts["DL_LOW"] = zc.dtype == torch.bfloat16 and not INTERPRET
         if n_out > 0:
-            K._bwd_kernel[(triton.cdiv(n_out, BLOCK_M), triton.cdiv(d, BLOCK_DO))](
-                zc, y, w_same.to(torch.float32).contiguous(), w_other.to(torch.float32).contiguous(), stats, coef,
-                dzc, idx, n_anchor, m_rows, n_out, d, 1.0 / temperature, alpha,
-                ROW_INDEX=out_rows is not None, BLOCK_DO=BLOCK_DO, **consts, **_launch_opts(),
+            k2 = LOG2E / temperature
+            srt = _sort(zc, labels, w_same, w_other)
+            rows = torch.arange(n_out, device=dev) if out_rows is None else out_rows.to(dev)
+            orow = _row_set(srt, rows)
+            rowv, scal = _backward_rows(srt, stats, coef, n_anchor, aligned, zc.dtype, k2, temperature)
+            D = feature_block(d)
+            consts = sample_constexprs(zc.dtype, aligned, D, INTERPRET, torch.backends.cuda.matmul.allow_tf32)
+            block_do = min(D, WHOLE_D_MAX)
+            _launch(
+                K._bwd_kernel, "bwd", D, lambda meta: (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(d, block_do)),
+                (srt.zs, srt.y, srt.band, srt.bias, rowv, orow, scal, dzc, n_out, m_rows, d, k2, alpha),
+                dict(consts, BLOCK_DO=block_do, INT64=_int64(m_rows * d)),
             )  # fmt: skip
         dz = (dzc[:n] if out_rows is None else dzc) if need_z else None
         dq = dzc[n:].clone() if need_queue else None  # outputs of an op may not alias
     if need_centres:
+        y = labels.to(device=dev, dtype=torch.int32).contiguous()
         u = _centres(centre_logits)
         n_cls = u.shape[1]
         t_own, t_off = _centre_targets(beta, smooth, n_cls, aligned)
@@ -229,7 +371,7 @@ def bwd(
             K._centre_bwd_kernel[grid](
                 u, prior, y, stats, coef, du, n_here, n_cls, u.stride(0), du.stride(0), 1.0 / supt, t_own, t_off,
                 HAS_PRIOR=log_prior is not None, ALIGNED=aligned,
-                BLOCK_M=CENTRE_BLOCK_M, BLOCK_C=CENTRE_BLOCK_C, **_launch_opts(),
+                BLOCK_M=CENTRE_BLOCK_M, BLOCK_C=CENTRE_BLOCK_C, **_centre_opts(),
             )  # fmt: skip
         du = du.to(centre_logits.dtype)
     return dz, dq, du
@@ -397,63 +539,117 @@ def row_gradients(
     return dz, du
 
 
+# ---- what the launchers can compile (sm90 compile test, bench/kernel_cost.py) -----------------
+
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Data types by name; "tf32" is fp32 data with torch.backends.cuda.matmul.allow_tf32 set.
+DTYPE_NAMES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32": (torch.float32, False),
+               "tf32": (torch.float32, True)}  # fmt: skip
+_PTR = [["tt.divisibility", 16]]
 
 
-def specialisations():
-    """Every (kernel, signature, constexprs, attrs) the launchers above can compile on a GPU.
+class Spec(NamedTuple):
+    """One compilable kernel specialisation and what the cost report needs to know about it."""
 
-    One entry per combination of data dtype (fp32 both with and without tf32), mode, centre block
-    and prior, and for the backward kernel with and without the output-row index vector of a
-    process group (ROW_INDEX); pointers carry the 16-byte divisibility hint of PyTorch allocations
-    (the per-anchor slices a process group needs are passed as fresh copies, not offset views),
-    and the sample kernels come with and without the hint on d. The forward kernel's row_start is
-    never specialised. (Triton also specialises integer arguments equal to 1; those variants are
-    not listed.) Used by the sm90 compile test.
-    """
-    ptr = [["tt.divisibility", 16]]
-    for dtype in DTYPES:
-        tf32_options = (False, True) if dtype == torch.float32 else (None,)
-        for tf32 in tf32_options:
-            t = "*" + _TL[dtype]
-            for aligned in (False, True):
-                consts = _sample_constexprs(dtype, aligned, False, bool(tf32))
-                for d_hint in (False, True):
-                    for centres in (False, True):
-                        sig = {"zc_ptr": t, "y_ptr": "*i32", "ws_ptr": "*fp32", "wo_ptr": "*fp32",
-                               "cstats_ptr": "*fp32", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
-                               "row_start": "i32", "row_end": "i32", "M": "i32", "D": "i32", "scale": "fp32",
-                               "alpha": "fp32"}
-                        c = dict(consts, HAS_CENTRES=centres)
-                        attrs = {(i,): ptr for i in range(7)} | ({(10,): ptr} if d_hint else {})
-                        yield K._fwd_kernel, sig, c, attrs
-                    for row_index in (False, True):  # one process / a process group's own rows
-                        sig = {"zc_ptr": t, "y_ptr": "*i32", "ws_ptr": "*fp32", "wo_ptr": "*fp32",
-                               "stats_ptr": "*fp32", "coef_ptr": "*fp32", "dzc_ptr": t, "rows_ptr": "*i32",
-                               "n_anchor": "i32", "M": "i32", "n_out": "i32", "D": "i32", "scale": "fp32",
-                               "alpha": "fp32"}
-                        c = dict(consts, BLOCK_DO=BLOCK_DO, DL_LOW=dtype == torch.bfloat16, ROW_INDEX=row_index)
-                        attrs = {(i,): ptr for i in range(8)} | ({(11,): ptr} if d_hint else {})
-                        yield K._bwd_kernel, sig, c, attrs
-            if tf32:
-                continue
-            for aligned in (False, True):
+    kernel: object  # triton JITFunction
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict  # num_warps, num_stages (triton.compile options)
+    info: dict  # kernel, mode, dtype, d, centres, block_m, block_n, grid_multiplicity, loops, similarity_passes
+
+
+def _sample_spec(kind: str, name: str, d: int, mode: str, centres: bool, tiles: Tiles, d_hint: bool) -> Spec:
+    dtype, tf32 = DTYPE_NAMES[name]
+    D = feature_block(d)
+    t = "*" + _TL[dtype]
+    consts = sample_constexprs(dtype, mode == "aligned", D, False, tf32)
+    consts |= {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "INT64": False}
+    elements = tiles.block_m * tiles.block_n
+    band = {"label": "band", "elements_per_iteration": elements, "fraction": "band", "inner_trips": 1}
+    if kind == "fwd":
+        sig = {"zs_ptr": t, "y_ptr": "*i32", "band_ptr": "*i32", "bias_ptr": "*fp32", "arow_ptr": "*i32",
+               "cstats_ptr": "*fp32", "loss_ptr": "*fp32", "stats_ptr": "*fp32", "n_rows": "i32", "M": "i32",
+               "d": "i32", "k2": "fp32", "alpha": "fp32"}  # fmt: skip
+        consts["HAS_CENTRES"] = centres
+        loops = [
+            band,
+            {"label": "off-band", "elements_per_iteration": elements, "fraction": "off-band", "inner_trips": 1},
+        ]
+        if mode == "aligned":
+            loops.append(dict(band, label="band positives"))
+        kernel, multiplicity = K._fwd_kernel, 1
+    else:
+        sig = {"zs_ptr": t, "y_ptr": "*i32", "band_ptr": "*i32", "bias_ptr": "*fp32", "rowv_ptr": "*fp32",
+               "orow_ptr": "*i32", "scal_ptr": "*fp32", "dz_ptr": t, "n_out": "i32", "M": "i32", "d": "i32",
+               "k2": "fp32", "alpha": "fp32"}  # fmt: skip
+        consts["BLOCK_DO"] = min(D, WHOLE_D_MAX)
+        loops = [band, {"label": "off-band", "elements_per_iteration": elements, "fraction": "off-band", "inner_trips": 1},
+                 {"label": "off-band two-exp", "elements_per_iteration": elements, "fraction": 0.0, "inner_trips": 1}]  # fmt: skip
+        kernel, multiplicity = K._bwd_kernel, triton.cdiv(D, consts["BLOCK_DO"])
+    attrs = {(i,): _PTR for i in range(8)} | ({(10,): _PTR} if d_hint else {})
+    info = {"kernel": kind, "mode": mode, "dtype": name, "d": d, "centres": centres, "block_m": tiles.block_m,
+            "block_n": tiles.block_n, "grid_multiplicity": multiplicity, "loops": loops,
+            "similarity_passes": gemm_passes(kind, mode, d)[0]}  # fmt: skip
+    options = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+    return Spec(kernel, sig, consts, attrs, options, info)
+
+
+def _centre_specs(name: str, mode: str, prior: bool):
+    dtype = DTYPE_NAMES[name][0]
+    t = "*" + _TL[dtype]
+    c = {"HAS_PRIOR": prior, "ALIGNED": mode == "aligned", "BLOCK_M": CENTRE_BLOCK_M, "BLOCK_C": CENTRE_BLOCK_C}
+    options = {"num_warps": CENTRE_WARPS, "num_stages": 3}
+    loop = {"label": "centres", "elements_per_iteration": CENTRE_BLOCK_M * CENTRE_BLOCK_C, "fraction": 1.0,
+            "inner_trips": 1}  # fmt: skip
+    info = {"mode": mode, "dtype": name, "d": None, "centres": True, "block_m": CENTRE_BLOCK_M,
+            "block_n": CENTRE_BLOCK_C, "grid_multiplicity": 1, "similarity_passes": 0.0}  # fmt: skip
+    sig = {"u_ptr": t, "prior_ptr": "*fp32", "y_ptr": "*i32", "cstats_ptr": "*fp32", "n_anchor": "i32", "C": "i32",
+           "stride_u": "i32", "inv_supt": "fp32", "t_own": "fp32", "t_off": "fp32"}  # fmt: skip
+    yield Spec(K._centre_fwd_kernel, sig, dict(c), {(i,): _PTR for i in range(4)}, options,
+               dict(info, kernel="centre_fwd", loops=[loop]))  # fmt: skip
+    sig = {"u_ptr": t, "prior_ptr": "*fp32", "y_ptr": "*i32", "stats_ptr": "*fp32", "coef_ptr": "*fp32",
+           "du_ptr": t, "n_anchor": "i32", "C": "i32", "stride_u": "i32", "stride_du": "i32", "inv_supt": "fp32",
+           "t_own": "fp32", "t_off": "fp32"}  # fmt: skip
+    yield Spec(K._centre_bwd_kernel, sig, dict(c), {(i,): _PTR for i in range(6)}, options,
+               dict(info, kernel="centre_bwd", loops=[]))  # fmt: skip
+
+
+def specialisations(dtypes=("bf16", "fp16", "tf32"), dims=(128, 512), modes=("softmax", "aligned"),
+                    centres=(False, True), all_tiles=False, d_hint=(True,)):  # fmt: skip
+    """Every kernel specialisation the launchers produce for these data types ("bf16", "fp16",
+    "fp32", "tf32"), feature widths, modes and centre blocks: the default tiles of each width class
+    (all_tiles: the whole autotune set), with the 16-divisibility hint of PyTorch allocations on the
+    pointers and, per `d_hint`, with or without it on d. Centre kernels come with centres=True."""
+    for name in dtypes:
+        for d in dims:
+            width = width_class(feature_block(d))
+            for mode in modes:
+                for tiles in FWD_TILES[width] if all_tiles else FWD_TILES[width][:1]:
+                    for hint in d_hint:
+                        for c in centres:
+                            yield _sample_spec("fwd", name, d, mode, c, tiles, hint)
+                for tiles in BWD_TILES[width] if all_tiles else BWD_TILES[width][:1]:
+                    for hint in d_hint:
+                        yield _sample_spec("bwd", name, d, mode, any(centres), tiles, hint)
+        if True in centres and name != "tf32":
+            for mode in modes:
                 for prior in (False, True):
-                    c = {"HAS_PRIOR": prior, "ALIGNED": aligned, "BLOCK_M": CENTRE_BLOCK_M,
-                         "BLOCK_C": CENTRE_BLOCK_C}
-                    sig = {"u_ptr": t, "prior_ptr": "*fp32", "y_ptr": "*i32", "cstats_ptr": "*fp32",
-                           "n_anchor": "i32", "C": "i32", "stride_u": "i32", "inv_supt": "fp32",
-                           "t_own": "fp32", "t_off": "fp32"}
-                    yield K._centre_fwd_kernel, sig, dict(c), {(i,): ptr for i in range(4)}
-                    sig = {"u_ptr": t, "prior_ptr": "*fp32", "y_ptr": "*i32", "stats_ptr": "*fp32",
-                           "coef_ptr": "*fp32", "du_ptr": t, "n_anchor": "i32", "C": "i32", "stride_u": "i32",
-                           "stride_du": "i32", "inv_supt": "fp32", "t_own": "fp32", "t_off": "fp32"}
-                    yield K._centre_bwd_kernel, sig, dict(c), {(i,): ptr for i in range(6)}
+                    yield from _centre_specs(name, mode, prior)
 
 
-def similarity_flops(n_anchor: int, n_contrast: int, d: int) -> float:
-    """FLOPs of the three similarity-sized GEMM passes (forward, backward recompute, gradient)."""
-    return 3 * 2.0 * n_anchor * n_contrast * d
+def compile_set():
+    """What the sm90 compile test builds: every data type, width class, mode and centre block with
+    the default tiles; every autotune config (bf16); d without the divisibility hint (bf16)."""
+    yield from specialisations(dtypes=("bf16", "fp16", "fp32", "tf32"), dims=(128, 256, 512))
+    for d in (128, 256, 512):
+        for width_specs in (specialisations(("bf16",), (d,), centres=(False,), all_tiles=True),):
+            for spec in width_specs:
+                default = spec.info["block_m"], spec.info["block_n"]
+                table = FWD_TILES if spec.info["kernel"] == "fwd" else BWD_TILES
+                if default != table[width_class(feature_block(d))][0][:2]:
+                    yield spec
+    yield from specialisations(("bf16",), (100,), centres=(False,), d_hint=(False,))
 
 
 __all__ = [

@@ -1,18 +1,34 @@
 """Triton kernels of the fused contrastive loss (only `@triton.jit` code; launchers: triton_backend.py).
 
-Shapes and names (README.md, "Triton kernels"): `zc` [M, D] contrast rows `[z; queue]`, the anchors
-are its first `n_anchor` rows; `y` [M] int32 labels; `ws`/`wo` [M] fp32 denominator weights of a
-sample column of the anchor's class / of another class; `u` [n_anchor, C] centre logits. Per-anchor
-statistics `stats` [n_anchor, 4] fp32 = (m, log_mass, 1/A, R): the shift m, log of the shifted
-denominator (softmax) or negative (aligned) mass, the inverse target mass, and, aligned mode only,
+The launcher sorts the M contrast rows `[z; queue]` by label (stable), so every same-label pair,
+the diagonal included, lies in a band of column tiles per row tile. Names (README.md, "Triton
+kernels"): `zs` [M, d] the sorted rows; `y` [M] int32 their labels; `band` [2, M] int32 = the first
+and one-past-last sorted position of each row's label; `bias` [2, M] fp32 = log2 of the
+denominator weight of each column for an anchor of its own label / of another label (-inf where
+the weight is 0). Logits live in the exp2 domain: `x = s * k2 + bias`, `k2 = log2(e) / T`.
+
+Per anchor the forward writes `stats` [a, 4] fp32 = (m, log_mass, 1/A, R) in natural-log units:
+log(sum_k g_k e^l_k) = m + log_mass (softmax; aligned: the negative mass N), and, aligned only,
 R = e^m * sum_p (t_p / A) / (e^l_p + N). Everything is accumulated in fp32.
+
+Off-band tiles (no label shared by a row and a column, no diagonal) run a lean loop: one FFMA for
+x, one exp2, the online max and sum. Band tiles run the full logic (self, positives, both weights).
 """
 
 import triton
 import triton.language as tl
 
-# Start value of a running max: finite, so that exp(m_old - m_new) is never exp(-inf + inf).
+# Start value of a running max: finite, so that exp2(m_old - m_new) is never exp2(-inf + inf).
 NO_MAX = tl.constexpr(-1.0e30)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Rows of the backward's per-row vectors `rowv` [ROWV, M] (structure of arrays, sorted order):
+# c (log2 shift: dl of a denominator column = coef 2^(x - c); +inf off the anchors), coef (upstream
+# gradient x loss scale x the fp16 guard scale; 0 off the anchors and for anchors without a
+# target), m and lm (m and log_mass in log2 units), 1/A, F = coef 2^(cbar - c), W = 2^bias_other.
+ROW_C, ROW_COEF, ROW_M, ROW_LM = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+ROW_IA, ROW_F, ROW_W = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6)
+ROWV = 7
 
 
 @triton.jit
@@ -29,34 +45,56 @@ def _softplus(x):
 
 
 @triton.jit
-def _similarity(
-    zc_ptr,
-    rows,
-    rmask,
-    cols,
-    cmask,
-    D,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """[BLOCK_M, BLOCK_N] fp32 dot products zc[rows] . zc[cols], d in chunks of BLOCK_D."""
+def _offsets(rows, d, INT64: tl.constexpr):
+    """Element offsets of the starts of `rows` in a row-major [*, d] tensor (int64 only if needed)."""
+    if INT64:
+        return rows.to(tl.int64) * d
+    return rows * d
+
+
+@triton.jit
+def _rows_tile(ptr, rows, rmask, d, k0, BLOCK_K: tl.constexpr, INT64: tl.constexpr):
+    """[len(rows), BLOCK_K] features k0 .. k0 + BLOCK_K of `rows` (0 beyond d and off the mask)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    off = _offsets(rows, d, INT64)
+    return tl.load(ptr + off[:, None] + kk[None, :], mask=rmask[:, None] & (kk < d)[None, :], other=0.0)
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:  # the interpreter's bf16 dot is wrong: compute it in fp32 there
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                INT64: tl.constexpr):  # fmt: skip
+    """(s [BLOCK_M, BLOCK_N] fp32 = zs[rows] . zs[cols], the column tile). Whole d (D == BLOCK_K):
+    `a` is the anchor tile loaded once per program and the column tile [BLOCK_N, D] is returned for
+    reuse as the B operand of the gradient product; larger d: chunks of BLOCK_K, nothing returned."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    dk = tl.arange(0, BLOCK_D)
-    ra = zc_ptr + rows.to(tl.int64)[:, None] * D
-    cb = zc_ptr + cols.to(tl.int64)[:, None] * D
-    for k0 in range(0, D, BLOCK_D):
-        kk = k0 + dk
-        km = kk < D
-        a = tl.load(ra + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-        b = tl.load(cb + kk[None, :], mask=cmask[:, None] & km[None, :], other=0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong: compute it in fp32 there
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-    return acc
+    if D == BLOCK_K:
+        b = _rows_tile(zs_ptr, cols, cmask, d, 0, BLOCK_K, INT64)
+        acc = _dot(a, tl.trans(b), acc, UPCAST, PRECISION)
+    else:
+        b = a
+        for k0 in tl.static_range(0, D, BLOCK_K):
+            ak = _rows_tile(zs_ptr, rows, rmask, d, k0, BLOCK_K, INT64)
+            bk = _rows_tile(zs_ptr, cols, cmask, d, k0, BLOCK_K, INT64)
+            acc = _dot(ak, tl.trans(bk), acc, UPCAST, PRECISION)
+    return acc, b
+
+
+@triton.jit
+def _band(band_ptr, rows, rmask, M, BLOCK_N: tl.constexpr):
+    """Column tiles [t_lo, t_hi) that hold every column sharing a label with one of `rows`."""
+    lo = tl.min(tl.load(band_ptr + rows, mask=rmask, other=M), 0)
+    hi = tl.max(tl.load(band_ptr + M + rows, mask=rmask, other=0), 0)
+    t_lo = lo // BLOCK_N
+    return t_lo, tl.maximum(tl.cdiv(hi, BLOCK_N), t_lo)
 
 
 @triton.jit
@@ -73,21 +111,274 @@ def _anchor_terms(stats_ptr, coef_ptr, idx, mask):
 
 
 @triton.jit
-def _dlogits(l, pos, g, m, log_mass, inv_a, r, alpha, ALIGNED: tl.constexpr):
-    """dL_i/dl of sample logits (without the upstream coefficient); the stats broadcast along i.
+def _fwd_kernel(
+    zs_ptr,
+    y_ptr,
+    band_ptr,
+    bias_ptr,
+    arow_ptr,
+    cstats_ptr,
+    loss_ptr,
+    stats_ptr,
+    n_rows,
+    M,
+    d,
+    k2,
+    alpha,
+    HAS_CENTRES: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    """One program per tile of anchors; writes per anchor the loss (without loss_scale) and stats.
 
-    softmax: g e^(l - m - log_mass) - t / A.  aligned: -(t / A) N / (e^l + N) on positives,
-    g e^(l - m) R on negatives (g > 0 and not positive), 0 elsewhere; t = alpha on positives.
+    arow [2, n_rows] int32: the anchors' sorted positions (ascending, so a tile spans few labels)
+    and the index under which each one's loss, stats and centre statistics (cstats) are stored.
+
+    softmax: one sweep (band tiles with the full logic, then the lean off-band tiles).
+    aligned: the same sweep gives the max and the negative mass N (positives are left out of the
+    mass); a second sweep over the band tiles only adds sum t softplus(log N - l_p) and R.
     """
-    if ALIGNED:
-        lp = l - m
-        attract = -(alpha * inv_a) / (1.0 + tl.exp(lp - log_mass))
-        repel = g * tl.exp(lp) * r
-        dl = tl.where(pos, attract, tl.where(g > 0, repel, 0.0))
+    idx = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = idx < n_rows
+    rows = tl.load(arow_ptr + idx, mask=rmask, other=0)
+    dst = tl.load(arow_ptr + n_rows + idx, mask=rmask, other=0)
+    ya = tl.load(y_ptr + rows, mask=rmask, other=-1)
+    t_lo, t_hi = _band(band_ptr, rows, rmask, M, BLOCK_N)
+    if D == BLOCK_K:
+        a = _rows_tile(zs_ptr, rows, rmask, d, 0, BLOCK_K, INT64)
     else:
-        prob = tl.where(g > 0, g * tl.exp((l - m) - log_mass), 0.0)  # l - m first: exact near the max
-        dl = prob - tl.where(pos, alpha * inv_a, 0.0)
-    return dl
+        a = tl.zeros((BLOCK_M, BLOCK_K), dtype=zs_ptr.dtype.element_ty)  # unused: chunks are reloaded
+    if HAS_CENTRES:
+        cs = cstats_ptr + dst * 5
+        m = tl.load(cs + 0, mask=rmask, other=NO_MAX) * LOG2E
+        mass = tl.load(cs + 1, mask=rmask, other=0.0)
+        tsum_l = tl.load(cs + 2, mask=rmask, other=0.0)
+        tsum = tl.load(cs + 3, mask=rmask, other=0.0)
+        l_own = tl.load(cs + 4, mask=rmask, other=0.0)
+    else:
+        m = tl.full((BLOCK_M,), NO_MAX, tl.float32)
+        mass = tl.zeros((BLOCK_M,), tl.float32)
+        tsum_l = tl.zeros((BLOCK_M,), tl.float32)
+        tsum = tl.zeros((BLOCK_M,), tl.float32)
+        l_own = tl.zeros((BLOCK_M,), tl.float32)
+    n_pos = tl.zeros((BLOCK_M,), tl.float32)
+    pos_s = tl.zeros((BLOCK_M,), tl.float32)
+    # band tiles: self, positives, the weight of each column for an anchor of its label or another's
+    for t in range(t_lo, t_hi):
+        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < M
+        s, _ = _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST, PRECISION, D, BLOCK_K, BLOCK_M,
+                           BLOCK_N, INT64)  # fmt: skip
+        yc = tl.load(y_ptr + cols, mask=cmask, other=-2)
+        b_same = tl.load(bias_ptr + cols, mask=cmask, other=float("-inf"))
+        b_other = tl.load(bias_ptr + M + cols, mask=cmask, other=float("-inf"))
+        same = ya[:, None] == yc[None, :]
+        diag = rows[:, None] == cols[None, :]
+        pos = same & (~diag)
+        sk = s * k2
+        x = tl.where(diag, float("-inf"), sk + tl.where(same, b_same[None, :], b_other[None, :]))
+        if ALIGNED:  # positives are not in N, but in the max (so that m is finite without negatives)
+            xm = tl.where(pos, sk, x)
+            x = tl.where(pos, float("-inf"), x)
+        else:
+            xm = x
+        m_new = tl.maximum(m, tl.max(xm, 1))
+        mass = mass * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(x - m_new[:, None]), 1)
+        n_pos += tl.sum(pos.to(tl.float32), 1)
+        pos_s += tl.sum(tl.where(pos, s, 0.0), 1)
+        m = m_new
+    # off-band tiles: every column is another label's (weight 2^b_other), none is the anchor itself
+    n_band = t_hi - t_lo
+    for t in range(0, tl.cdiv(M, BLOCK_N) - n_band):
+        cols = (t + n_band * (t >= t_lo).to(tl.int32)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < M
+        b_other = tl.load(bias_ptr + M + cols, mask=cmask, other=float("-inf"))
+        s, _ = _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST, PRECISION, D, BLOCK_K, BLOCK_M,
+                           BLOCK_N, INT64)  # fmt: skip
+        x = s * k2 + b_other[None, :]
+        m_new = tl.maximum(m, tl.max(x, 1))
+        mass = mass * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(x - m_new[:, None]), 1)
+        m = m_new
+    m = tl.where(m > 0.5 * NO_MAX, m, 0.0) * LN2  # natural units; no column at all: shift 0
+    a_mass = tsum + alpha * n_pos
+    inv_a = tl.where(a_mass > 0, 1.0 / tl.where(a_mass > 0, a_mass, 1.0), 0.0)
+    if ALIGNED:
+        log_mass = tl.log(mass)
+        neg_log_p = tl.zeros((BLOCK_M,), tl.float32)
+        r = tl.zeros((BLOCK_M,), tl.float32)
+        for t in range(t_lo, t_hi):  # the positives: band tiles only
+            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            cmask = cols < M
+            s, _ = _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST, PRECISION, D, BLOCK_K, BLOCK_M,
+                               BLOCK_N, INT64)  # fmt: skip
+            yc = tl.load(y_ptr + cols, mask=cmask, other=-2)
+            pos = (ya[:, None] == yc[None, :]) & (rows[:, None] != cols[None, :])
+            lp = s * (k2 * LN2) - m[:, None]
+            neg_log_p += tl.sum(tl.where(pos, _softplus(log_mass[:, None] - lp), 0.0), 1)
+            r += tl.sum(tl.where(pos, 1.0 / (tl.exp(tl.where(pos, lp, 0.0)) + mass[:, None]), 0.0), 1)
+        neg_log_p = alpha * neg_log_p
+        r = alpha * r
+        if HAS_CENTRES:  # the own centre is a positive with target weight tsum (= beta)
+            lp = l_own - m
+            neg_log_p += tsum * _softplus(log_mass - lp)
+            r += tsum / (tl.exp(lp) + mass)
+        loss = neg_log_p * inv_a
+        r = r * inv_a
+    else:
+        log_mass = tl.where(mass > 0, tl.log(mass), 0.0)
+        pos_l = pos_s * (k2 * LN2)
+        loss = tl.where(a_mass > 0, m + log_mass - (tsum_l + alpha * pos_l) * inv_a, 0.0)
+        r = tl.zeros((BLOCK_M,), tl.float32)
+    tl.store(loss_ptr + dst, loss, mask=rmask)
+    out = stats_ptr + dst * 4
+    tl.store(out + 0, m, mask=rmask)
+    tl.store(out + 1, log_mass, mask=rmask)
+    tl.store(out + 2, inv_a, mask=rmask)
+    tl.store(out + 3, r, mask=rmask)
+
+
+@triton.jit
+def _bwd_kernel(
+    zs_ptr,
+    y_ptr,
+    band_ptr,
+    bias_ptr,
+    rowv_ptr,
+    orow_ptr,
+    scal_ptr,
+    dz_ptr,
+    n_out,
+    M,
+    d,
+    k2,
+    alpha,
+    ALIGNED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    """Gradient of the rows of one tile (features [BLOCK_DO chunk]), no atomics:
+
+        dz_i = (1/T) sum_j (dl_ij + dl_ji) z_j    (dl_ij: anchor i's row term, dl_ji: anchor j's)
+
+    dl_ji needs only anchor j's statistics (rowv), so one sweep over the column tiles gives the whole
+    gradient of the tile, from one similarity tile per pair. orow [2, n_out] int32: the rows' sorted
+    positions (ascending) and their output rows in dz. scal [3] fp32: cbar (a shift shared by all
+    anchors), the output scale 1 / (T * guard scale), and whether the one-exp form is safe.
+
+    Off-band, both terms are denominator terms of another label's column and share one exp:
+    dl_ij + dl_ji = 2^(s k2 - cbar) (F_i W_j + W_i F_j), F = coef 2^(cbar - c), W = 2^b_other.
+    The launcher checks that 2^(s k2 - cbar) cannot overflow and F cannot underflow; otherwise
+    (very small T, a large spread of centre logits) the off-band tiles take two exps.
+    """
+    idx = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = idx < n_out
+    rows = tl.load(orow_ptr + idx, mask=rmask, other=0)
+    dst = tl.load(orow_ptr + n_out + idx, mask=rmask, other=0)
+    ya = tl.load(y_ptr + rows, mask=rmask, other=-1)
+    t_lo, t_hi = _band(band_ptr, rows, rmask, M, BLOCK_N)
+    c_r = tl.load(rowv_ptr + ROW_C * M + rows, mask=rmask, other=float("inf"))
+    co_r = tl.load(rowv_ptr + ROW_COEF * M + rows, mask=rmask, other=0.0)
+    f_r = tl.load(rowv_ptr + ROW_F * M + rows, mask=rmask, other=0.0)
+    w_r = tl.load(rowv_ptr + ROW_W * M + rows, mask=rmask, other=0.0)
+    bs_r = tl.load(bias_ptr + rows, mask=rmask, other=float("-inf"))
+    bo_r = tl.load(bias_ptr + M + rows, mask=rmask, other=float("-inf"))
+    if ALIGNED:
+        ml_r = tl.load(rowv_ptr + ROW_M * M + rows, mask=rmask, other=0.0)
+        ml_r += tl.load(rowv_ptr + ROW_LM * M + rows, mask=rmask, other=0.0)
+    ia_r = tl.load(rowv_ptr + ROW_IA * M + rows, mask=rmask, other=0.0)
+    cbar = tl.load(scal_ptr)
+    do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    if D == BLOCK_K:
+        a = _rows_tile(zs_ptr, rows, rmask, d, 0, BLOCK_K, INT64)
+    else:
+        a = tl.zeros((BLOCK_M, BLOCK_K), dtype=zs_ptr.dtype.element_ty)  # unused: chunks are reloaded
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+    for t in range(t_lo, t_hi):  # band tiles: the full logic, two exps
+        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < M
+        s, b = _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST, PRECISION, D, BLOCK_K, BLOCK_M,
+                           BLOCK_N, INT64)  # fmt: skip
+        yc = tl.load(y_ptr + cols, mask=cmask, other=-2)
+        c_c = tl.load(rowv_ptr + ROW_C * M + cols, mask=cmask, other=float("inf"))
+        co_c = tl.load(rowv_ptr + ROW_COEF * M + cols, mask=cmask, other=0.0)
+        ia_c = tl.load(rowv_ptr + ROW_IA * M + cols, mask=cmask, other=0.0)
+        bs_c = tl.load(bias_ptr + cols, mask=cmask, other=float("-inf"))
+        bo_c = tl.load(bias_ptr + M + cols, mask=cmask, other=float("-inf"))
+        same = ya[:, None] == yc[None, :]
+        diag = rows[:, None] == cols[None, :]
+        pos = same & (~diag)
+        sk = s * k2
+        # row term: anchor i, column j with j's weight; column term: anchor j, column i with i's weight
+        x_r = tl.where(diag, float("-inf"), sk + tl.where(same, bs_c[None, :], bo_c[None, :]))
+        x_c = tl.where(diag, float("-inf"), sk + tl.where(same, bs_r[:, None], bo_r[:, None]))
+        if ALIGNED:  # positives: attraction -(t/A) N / (e^l + N); negatives: repulsion g e^l R
+            ml_c = tl.load(rowv_ptr + ROW_M * M + cols, mask=cmask, other=0.0)
+            ml_c += tl.load(rowv_ptr + ROW_LM * M + cols, mask=cmask, other=0.0)
+            att_r = -(alpha * ia_r[:, None]) / (1.0 + tl.math.exp2(tl.where(pos, sk - ml_r[:, None], 0.0)))
+            att_c = -(alpha * ia_c[None, :]) / (1.0 + tl.math.exp2(tl.where(pos, sk - ml_c[None, :], 0.0)))
+            rep_r = tl.math.exp2(tl.where(pos, float("-inf"), x_r) - c_r[:, None])
+            rep_c = tl.math.exp2(tl.where(pos, float("-inf"), x_c) - c_c[None, :])
+            dl = co_r[:, None] * tl.where(pos, att_r, rep_r) + co_c[None, :] * tl.where(pos, att_c, rep_c)
+        else:  # g e^(l - LSE) - t / A
+            dl_r = tl.math.exp2(x_r - c_r[:, None]) - tl.where(pos, alpha * ia_r[:, None], 0.0)
+            dl_c = tl.math.exp2(x_c - c_c[None, :]) - tl.where(pos, alpha * ia_c[None, :], 0.0)
+            dl = co_r[:, None] * dl_r + co_c[None, :] * dl_c
+        acc = _grad_product(zs_ptr, dl, b, acc, cols, cmask, d, do, UPCAST, PRECISION, D, BLOCK_K, INT64)
+    n_band = t_hi - t_lo
+    n_off = tl.cdiv(M, BLOCK_N) - n_band
+    if tl.load(scal_ptr + 2) > 0:  # off-band tiles, one exp
+        for t in range(0, n_off):
+            cols = (t + n_band * (t >= t_lo).to(tl.int32)) * BLOCK_N + tl.arange(0, BLOCK_N)
+            cmask = cols < M
+            f_c = tl.load(rowv_ptr + ROW_F * M + cols, mask=cmask, other=0.0)
+            w_c = tl.load(rowv_ptr + ROW_W * M + cols, mask=cmask, other=0.0)
+            s, b = _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST, PRECISION, D, BLOCK_K, BLOCK_M,
+                               BLOCK_N, INT64)  # fmt: skip
+            e = tl.math.exp2(s * k2 - cbar)
+            dl = e * (f_r[:, None] * w_c[None, :] + w_r[:, None] * f_c[None, :])
+            acc = _grad_product(zs_ptr, dl, b, acc, cols, cmask, d, do, UPCAST, PRECISION, D, BLOCK_K, INT64)
+    else:  # off-band tiles, two exps (the shared one could overflow)
+        for t in range(0, n_off):
+            cols = (t + n_band * (t >= t_lo).to(tl.int32)) * BLOCK_N + tl.arange(0, BLOCK_N)
+            cmask = cols < M
+            c_c = tl.load(rowv_ptr + ROW_C * M + cols, mask=cmask, other=float("inf"))
+            co_c = tl.load(rowv_ptr + ROW_COEF * M + cols, mask=cmask, other=0.0)
+            bo_c = tl.load(bias_ptr + M + cols, mask=cmask, other=float("-inf"))
+            s, b = _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST, PRECISION, D, BLOCK_K, BLOCK_M,
+                               BLOCK_N, INT64)  # fmt: skip
+            sk = s * k2
+            dl = co_r[:, None] * tl.math.exp2(sk + (bo_c[None, :] - c_r[:, None]))
+            dl += co_c[None, :] * tl.math.exp2(sk + (bo_r[:, None] - c_c[None, :]))
+            acc = _grad_product(zs_ptr, dl, b, acc, cols, cmask, d, do, UPCAST, PRECISION, D, BLOCK_K, INT64)
+    out = dz_ptr + _offsets(dst, d, INT64)[:, None] + do[None, :]
+    scale = tl.load(scal_ptr + 1)
+    tl.store(out, (acc * scale).to(dz_ptr.dtype.element_ty), mask=rmask[:, None] & (do < d)[None, :])
+
+
+@triton.jit
+def _grad_product(zs_ptr, dl, b, acc, cols, cmask, d, do, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  D: tl.constexpr, BLOCK_K: tl.constexpr, INT64: tl.constexpr):  # fmt: skip
+    """acc += dl @ zs[cols, do]: the column tile of the similarity (whole d) or a fresh chunk load.
+    Half data: dl is rounded to the data's type (fp16: after the launcher's guard scale) so the
+    product runs on tensor cores at the data's rate, fp32 accumulation."""
+    if D != BLOCK_K:
+        off = _offsets(cols, d, INT64)
+        b = tl.load(zs_ptr + off[:, None] + do[None, :], mask=cmask[:, None] & (do < d)[None, :], other=0.0)
+    if b.dtype != tl.float32:
+        dl = dl.to(b.dtype)
+    return _dot(dl, b, acc, UPCAST, PRECISION)
 
 
 @triton.jit
@@ -146,209 +437,6 @@ def _centre_fwd_kernel(
     tl.store(out + 2, tsum_l, mask=rmask)
     tl.store(out + 3, tsum, mask=rmask)
     tl.store(out + 4, l_own, mask=rmask)
-
-
-# row_start is 0 in one process and any value for a process group's slice of the anchors: it is
-# not specialised (no divisibility variant), so both use the same compiled kernels.
-@triton.jit(do_not_specialize=["row_start"])
-def _fwd_kernel(
-    zc_ptr,
-    y_ptr,
-    ws_ptr,
-    wo_ptr,
-    cstats_ptr,
-    loss_ptr,
-    stats_ptr,
-    row_start,
-    row_end,
-    M,
-    D,
-    scale,
-    alpha,
-    HAS_CENTRES: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """One program per tile of the anchor rows [row_start, row_end); streams the M sample columns
-    and writes, per anchor, the loss (without loss_scale) and stats (m, log_mass, 1/A, R), merging
-    the centre statistics. cstats, loss and stats are indexed from row_start (a process group's
-    slice of the anchors; 0 in one process).
-
-    softmax: one sweep (online max, weighted sum-exp over g > 0, sum of positive logits).
-    aligned: sweep 1 gives the max over negatives and positives and the negative mass N; sweep 2
-    visits the positives: sum t softplus(log N - l_p) and R.
-    """
-    rows = row_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < row_end
-    local = rows - row_start
-    ya = tl.load(y_ptr + rows, mask=rmask, other=-1)
-    if HAS_CENTRES:
-        cs = cstats_ptr + local * 5
-        m = tl.load(cs + 0, mask=rmask, other=NO_MAX)
-        mass = tl.load(cs + 1, mask=rmask, other=0.0)
-        tsum_l = tl.load(cs + 2, mask=rmask, other=0.0)
-        tsum = tl.load(cs + 3, mask=rmask, other=0.0)
-        l_own = tl.load(cs + 4, mask=rmask, other=0.0)
-    else:
-        m = tl.full((BLOCK_M,), NO_MAX, tl.float32)
-        mass = tl.zeros((BLOCK_M,), tl.float32)
-        tsum_l = tl.zeros((BLOCK_M,), tl.float32)
-        tsum = tl.zeros((BLOCK_M,), tl.float32)
-        l_own = tl.zeros((BLOCK_M,), tl.float32)
-    n_pos = tl.zeros((BLOCK_M,), tl.float32)
-    pos_l = tl.zeros((BLOCK_M,), tl.float32)
-    for j0 in range(0, M, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        cmask = cols < M
-        yc = tl.load(y_ptr + cols, mask=cmask, other=-2)
-        ws = tl.load(ws_ptr + cols, mask=cmask, other=0.0)
-        wo = tl.load(wo_ptr + cols, mask=cmask, other=0.0)
-        l = _similarity(zc_ptr, rows, rmask, cols, cmask, D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        l = l * scale
-        same = ya[:, None] == yc[None, :]
-        other = (rows[:, None] != cols[None, :]) & cmask[None, :]
-        pos = same & other
-        g = tl.where(other, tl.where(same, ws[None, :], wo[None, :]), 0.0)
-        if ALIGNED:
-            den = (g > 0) & (~pos)
-        else:
-            den = g > 0
-        m_new = tl.maximum(m, tl.max(tl.where(den | pos, l, float("-inf")), 1))
-        e = tl.where(den, g * tl.exp(l - m_new[:, None]), 0.0)
-        mass = mass * tl.exp(m - m_new) + tl.sum(e, 1)
-        n_pos += tl.sum(pos.to(tl.float32), 1)
-        pos_l += tl.sum(tl.where(pos, l, 0.0), 1)
-        m = m_new
-    m = tl.where(m > 0.5 * NO_MAX, m, 0.0)  # no column at all: shift 0 as the torch backend
-    a = tsum + alpha * n_pos
-    inv_a = tl.where(a > 0, 1.0 / tl.where(a > 0, a, 1.0), 0.0)
-    if ALIGNED:
-        log_mass = tl.log(mass)
-        neg_log_p = tl.zeros((BLOCK_M,), tl.float32)
-        r = tl.zeros((BLOCK_M,), tl.float32)
-        for j0 in range(0, M, BLOCK_N):
-            cols = j0 + tl.arange(0, BLOCK_N)
-            cmask = cols < M
-            yc = tl.load(y_ptr + cols, mask=cmask, other=-2)
-            l = _similarity(zc_ptr, rows, rmask, cols, cmask, D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-            lp = l * scale - m[:, None]
-            pos = (ya[:, None] == yc[None, :]) & (rows[:, None] != cols[None, :]) & cmask[None, :]
-            neg_log_p += tl.sum(tl.where(pos, _softplus(log_mass[:, None] - lp), 0.0), 1)
-            r += tl.sum(tl.where(pos, 1.0 / (tl.exp(lp) + mass[:, None]), 0.0), 1)
-        neg_log_p = alpha * neg_log_p
-        r = alpha * r
-        if HAS_CENTRES:  # the own centre is a positive with target weight tsum (= beta)
-            lp = l_own - m
-            neg_log_p += tsum * _softplus(log_mass - lp)
-            r += tsum / (tl.exp(lp) + mass)
-        loss = neg_log_p * inv_a
-        r = r * inv_a
-    else:
-        log_mass = tl.where(mass > 0, tl.log(mass), 0.0)
-        loss = tl.where(a > 0, m + log_mass - (tsum_l + alpha * pos_l) * inv_a, 0.0)
-        r = tl.zeros((BLOCK_M,), tl.float32)
-    tl.store(loss_ptr + local, loss, mask=rmask)
-    out = stats_ptr + local * 4
-    tl.store(out + 0, m, mask=rmask)
-    tl.store(out + 1, log_mass, mask=rmask)
-    tl.store(out + 2, inv_a, mask=rmask)
-    tl.store(out + 3, r, mask=rmask)
-
-
-@triton.jit
-def _bwd_kernel(
-    zc_ptr,
-    y_ptr,
-    ws_ptr,
-    wo_ptr,
-    stats_ptr,
-    coef_ptr,
-    dzc_ptr,
-    rows_ptr,
-    n_anchor,
-    M,
-    n_out,
-    D,
-    scale,
-    alpha,
-    ALIGNED: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    DL_LOW: tl.constexpr,
-    ROW_INDEX: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
-):
-    """dzc of rows i of one tile (output columns [BLOCK_DO chunk]), no atomics:
-
-        dzc_i = scale * ( sum_j dl_ij zc_j   [i an anchor, j every column]
-                        + sum_j dl_ji zc_j ) [j every anchor, i as a column]
-
-    dl_ji needs only anchor j's stats, so one sweep over column tiles gives the whole gradient of
-    the tile; where both terms exist (j < n_anchor) they share one similarity tile. Rows i beyond
-    n_anchor (PaCo's keys, queue rows) get the second term only.
-
-    Output row k of dzc [n_out, D] is the gradient of row k (ROW_INDEX false: the rows [0, n_out))
-    or of row rows_ptr[k] (ROW_INDEX: a process group's own rows, ascending global indices).
-    """
-    pid = tl.program_id(0)
-    local = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = local < n_out
-    if ROW_INDEX:
-        rows = tl.load(rows_ptr + local, mask=rmask, other=M)
-    else:
-        rows = local
-    ranchor = rows < n_anchor
-    ya = tl.load(y_ptr + rows, mask=rmask, other=-1)
-    ws_r = tl.load(ws_ptr + rows, mask=rmask, other=0.0)
-    wo_r = tl.load(wo_ptr + rows, mask=rmask, other=0.0)
-    m_r, lm_r, ia_r, r_r, co_r = _anchor_terms(stats_ptr, coef_ptr, rows, ranchor)
-    do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    domask = do < D
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
-    # a tile with an anchor row sees every column; otherwise only the anchor columns matter
-    if ROW_INDEX:
-        hi = tl.where(tl.min(rows) < n_anchor, M, n_anchor)
-    else:
-        hi = tl.where(pid * BLOCK_M < n_anchor, M, n_anchor)
-    for j0 in range(0, hi, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        cmask = cols < M
-        canchor = cols < n_anchor
-        yc = tl.load(y_ptr + cols, mask=cmask, other=-2)
-        ws_c = tl.load(ws_ptr + cols, mask=cmask, other=0.0)
-        wo_c = tl.load(wo_ptr + cols, mask=cmask, other=0.0)
-        m_c, lm_c, ia_c, r_c, co_c = _anchor_terms(stats_ptr, coef_ptr, cols, canchor)
-        l = _similarity(zc_ptr, rows, rmask, cols, cmask, D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        l = l * scale
-        same = ya[:, None] == yc[None, :]
-        other = rows[:, None] != cols[None, :]
-        pos = same & other
-        # row term: anchor i (stats along rows), column j (weights of j)
-        g = tl.where(other, tl.where(same, ws_c[None, :], wo_c[None, :]), 0.0)
-        dl = _dlogits(l, pos, g, m_r[:, None], lm_r[:, None], ia_r[:, None], r_r[:, None], alpha, ALIGNED)
-        dl = tl.where(ranchor[:, None] & cmask[None, :], dl * co_r[:, None], 0.0)
-        # column term: anchor j (stats along columns), column i (weights of i)
-        g = tl.where(other, tl.where(same, ws_r[:, None], wo_r[:, None]), 0.0)
-        dlt = _dlogits(l, pos, g, m_c[None, :], lm_c[None, :], ia_c[None, :], r_c[None, :], alpha, ALIGNED)
-        dl += tl.where(rmask[:, None] & canchor[None, :], dlt * co_c[None, :], 0.0)
-        zj = tl.load(
-            zc_ptr + cols.to(tl.int64)[:, None] * D + do[None, :],
-            mask=cmask[:, None] & domask[None, :],
-            other=0.0,
-        )
-        if DL_LOW:  # bf16 data: dl in bf16 (fp32's exponent range), fp32 accumulation
-            acc = tl.dot(dl.to(zj.dtype), zj, acc)
-        else:  # fp16 or fp32 data: dl can underflow fp16, so the product runs in fp32 (or tf32)
-            acc = tl.dot(dl, zj.to(tl.float32), acc, input_precision=PRECISION)
-    out = dzc_ptr + local.to(tl.int64)[:, None] * D + do[None, :]
-    tl.store(out, (acc * scale).to(dzc_ptr.dtype.element_ty), mask=rmask[:, None] & domask[None, :])
 
 
 @triton.jit
