@@ -235,3 +235,67 @@ def test_many_classes(rng, mode):
     """C = 300 centre columns: three ragged chunks of the centre kernels."""
     z, y, kw, inputs = make_case(rng, 70, 24, 300, centres=True, queue=10)
     compare(z, y, kw, inputs, rng=rng, mode=mode, negative_weight="batch")
+
+
+# ---- the label-sorted band (tiles of 32 under the interpreter: these batches span several) -------
+
+
+def _labels(case: str, n: int, rng) -> torch.Tensor:
+    if case == "unsorted":  # random order, few classes: wide bands
+        return torch.randint(0, 3, (n,), generator=rng)
+    if case == "class_spans_blocks":  # one class of 80 rows spans three row tiles once sorted
+        y = torch.cat([torch.zeros(80, dtype=torch.long), torch.randint(1, 6, (n - 80,), generator=rng)])
+        return y[torch.randperm(n, generator=rng)]
+    if case == "band_at_edge":  # the largest label owns the ragged last tile
+        return torch.cat([torch.randint(0, 4, (n - 5,), generator=rng), torch.full((5,), 9)])
+    if case == "sorted_descending":
+        return torch.sort(torch.randint(0, 8, (n,), generator=rng), descending=True).values
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["unsorted", "class_spans_blocks", "band_at_edge", "sorted_descending"])
+def test_band_layouts(rng, mode, case):
+    n = 133
+    z, y, kw, inputs = make_case(rng, n, 24, 10, labels=_labels(case, n, rng), queue=17, centres=True)
+    compare(z, y, kw, inputs, rng=rng, mode=mode, negative_weight="batch")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_anchor_subset_after_sorting(rng, mode):
+    """PaCo's anchors (the first rows) land anywhere once the rows are sorted by label."""
+    n = 120
+    y = torch.randint(0, 4, (n,), generator=rng)
+    z, y, kw, inputs = make_case(rng, n, 16, 4, n_anchor=50, queue=40, labels=y, centres=True)
+    compare(z, y, kw, inputs, rng=rng, mode=mode)
+
+
+def _one_exp(z, y, kw, mode, temperature):
+    """Whether the backward launch takes the one-exp form of its off-band tiles for this problem."""
+    tb = triton_backend
+    n = z.shape[0]
+    w = torch.ones(n)
+    u = kw.get("centre_logits")
+    loss, stats = tb.fwd(z.detach(), y, None, None if u is None else u.detach(), None, w, w, n,
+                         mode == "aligned", temperature, 1.0, 1.0, 1.0, 0.0)  # fmt: skip
+    srt = tb._sort(z.detach(), y, w, w)
+    k2 = tb.LOG2E / temperature
+    _, scal = tb._backward_rows(srt, stats, torch.ones(n), n, mode == "aligned", z.dtype, k2, temperature)
+    return bool(scal[2] > 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_exp_and_its_fallback(rng, mode):
+    """The shared exp of the backward where it is safe, two exps where its shift could overflow:
+    T = 0.01 with unit rows, and centre logits spread over 0 .. 400 (supt 1)."""
+    z, y, kw, inputs = make_case(rng, 90, 16, 4)
+    assert _one_exp(z, y, kw, mode, 0.1)
+    compare(z, y, kw, inputs, rng=rng, mode=mode, temperature=0.1)
+    z, y, kw, inputs = make_case(rng, 90, 16, 4)
+    assert not _one_exp(z, y, kw, mode, 0.005)
+    compare(z, y, kw, inputs, rng=rng, mode=mode, temperature=0.005)
+    z, y, kw, inputs = make_case(rng, 90, 16, 4, centres=True, prior=False)
+    with torch.no_grad():
+        kw["centre_logits"].mul_(torch.linspace(0, 100, 90)[:, None])
+    assert not _one_exp(z, y, kw, mode, 0.1)
+    compare(z, y, kw, inputs, rng=rng, mode=mode, temperature=0.1)

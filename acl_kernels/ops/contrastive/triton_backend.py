@@ -274,8 +274,7 @@ def _backward_rows(srt: _Sorted, stats: Tensor, coef: Tensor, n_anchor: int, ali
     else:
         guard = torch.ones((), device=coef.device)
     coef = coef * guard
-    m2, lm2 = m * LOG2E, log_mass * LOG2E
-    c = m2 - torch.log2(r) if aligned else m2 + lm2
+    c = m - torch.log2(r) if aligned else m + log_mass  # the stats are in log2 units
     c = torch.where((coef != 0) & ~torch.isnan(c), c, float("inf"))
     finite = torch.isfinite(c)
     cbar = torch.where(finite, c, float("inf")).amin()
@@ -285,7 +284,7 @@ def _backward_rows(srt: _Sorted, stats: Tensor, coef: Tensor, n_anchor: int, ali
     one_exp = (spread <= EXP_HEADROOM) & (k2 * n_max * n_max - cbar <= EXP_HEADROOM)
     f = coef * torch.exp2(cbar - c)
     m_rows = srt.zs.shape[0]
-    per_anchor = torch.stack([c, coef, m2, lm2, inv_a, f])  # rows ROW_C .. ROW_F
+    per_anchor = torch.stack([c, coef, m, log_mass, inv_a, f])  # rows ROW_C .. ROW_F
     fill = torch.tensor([float("inf"), 0, 0, 0, 0, 0], device=c.device)[:, None].expand(-1, m_rows - n_anchor)
     rowv = torch.cat([torch.cat([per_anchor, fill], 1)[:, srt.perm], torch.exp2(srt.bias[1:2])])
     assert rowv.shape[0] == K.ROWV
@@ -565,17 +564,19 @@ def _sample_spec(kind: str, name: str, d: int, mode: str, centres: bool, tiles: 
     t = "*" + _TL[dtype]
     consts = sample_constexprs(dtype, mode == "aligned", D, False, tf32)
     consts |= {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "INT64": False}
-    elements = tiles.block_m * tiles.block_n
-    band = {"label": "band", "elements_per_iteration": elements, "fraction": "band", "inner_trips": 1}
+
+    def loop(label, fraction, width=tiles.block_n):
+        return {"label": label, "elements_per_iteration": tiles.block_m * width, "fraction": fraction, "inner_trips": 1}
+
+    # fraction "band" / "off-band": the share of element pairs the cost report assumes for the band
+    # (its --band-fraction) and for the rest; the forward's band tiles are half-width (its BAND_N)
+    band = loop("band", "band", tiles.block_n // 2 if kind == "fwd" else tiles.block_n)
     if kind == "fwd":
         sig = {"zs_ptr": t, "y_ptr": "*i32", "band_ptr": "*i32", "bias_ptr": "*fp32", "arow_ptr": "*i32",
                "cstats_ptr": "*fp32", "loss_ptr": "*fp32", "stats_ptr": "*fp32", "n_rows": "i32", "M": "i32",
                "d": "i32", "k2": "fp32", "alpha": "fp32"}  # fmt: skip
         consts["HAS_CENTRES"] = centres
-        loops = [
-            band,
-            {"label": "off-band", "elements_per_iteration": elements, "fraction": "off-band", "inner_trips": 1},
-        ]
+        loops = [band, loop("off-band", "off-band")]
         if mode == "aligned":
             loops.append(dict(band, label="band positives"))
         kernel, multiplicity = K._fwd_kernel, 1
@@ -584,8 +585,7 @@ def _sample_spec(kind: str, name: str, d: int, mode: str, centres: bool, tiles: 
                "orow_ptr": "*i32", "scal_ptr": "*fp32", "dz_ptr": t, "n_out": "i32", "M": "i32", "d": "i32",
                "k2": "fp32", "alpha": "fp32"}  # fmt: skip
         consts["BLOCK_DO"] = min(D, WHOLE_D_MAX)
-        loops = [band, {"label": "off-band", "elements_per_iteration": elements, "fraction": "off-band", "inner_trips": 1},
-                 {"label": "off-band two-exp", "elements_per_iteration": elements, "fraction": 0.0, "inner_trips": 1}]  # fmt: skip
+        loops = [band, loop("off-band", "off-band"), loop("off-band two-exp", 0.0)]
         kernel, multiplicity = K._bwd_kernel, triton.cdiv(D, consts["BLOCK_DO"])
     attrs = {(i,): _PTR for i in range(8)} | ({(10,): _PTR} if d_hint else {})
     info = {"kernel": kind, "mode": mode, "dtype": name, "d": d, "centres": centres, "block_m": tiles.block_m,

@@ -7,9 +7,10 @@ and one-past-last sorted position of each row's label; `bias` [2, M] fp32 = log2
 denominator weight of each column for an anchor of its own label / of another label (-inf where
 the weight is 0). Logits live in the exp2 domain: `x = s * k2 + bias`, `k2 = log2(e) / T`.
 
-Per anchor the forward writes `stats` [a, 4] fp32 = (m, log_mass, 1/A, R) in natural-log units:
-log(sum_k g_k e^l_k) = m + log_mass (softmax; aligned: the negative mass N), and, aligned only,
-R = e^m * sum_p (t_p / A) / (e^l_p + N). Everything is accumulated in fp32.
+Per anchor the forward writes `stats` [a, 4] fp32 = (m, log_mass, 1/A, R) in log2 units (the
+units the sweeps round in, so that the backward's x - m cancels exactly):
+log2(sum_k g_k e^l_k) = m + log_mass (softmax; aligned: the negative mass N), and, aligned only,
+R = 2^m * sum_p (t_p / A) / (e^l_p + N). Everything is accumulated in fp32.
 
 Off-band tiles (no label shared by a row and a column, no diagonal) run a lean loop: one FFMA for
 x, one exp2, the online max and sum. Band tiles run the full logic (self, positives, both weights).
@@ -25,7 +26,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Rows of the backward's per-row vectors `rowv` [ROWV, M] (structure of arrays, sorted order):
 # c (log2 shift: dl of a denominator column = coef 2^(x - c); +inf off the anchors), coef (upstream
 # gradient x loss scale x the fp16 guard scale; 0 off the anchors and for anchors without a
-# target), m and lm (m and log_mass in log2 units), 1/A, F = coef 2^(cbar - c), W = 2^bias_other.
+# target), m and lm (the stats' m and log_mass), 1/A, F = coef 2^(cbar - c), W = 2^bias_other.
 ROW_C, ROW_COEF, ROW_M, ROW_LM = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 ROW_IA, ROW_F, ROW_W = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6)
 ROWV = 7
@@ -169,12 +170,14 @@ def _fwd_kernel(
         l_own = tl.zeros((BLOCK_M,), tl.float32)
     n_pos = tl.zeros((BLOCK_M,), tl.float32)
     pos_s = tl.zeros((BLOCK_M,), tl.float32)
-    # band tiles: self, positives, the weight of each column for an anchor of its label or another's
-    for t in range(t_lo, t_hi):
-        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    # band tiles, in halves (BAND_N columns: fewer live registers for the full logic): self,
+    # positives, the weight of each column for an anchor of its label or another label's
+    BAND_N: tl.constexpr = BLOCK_N // 2
+    for t in range(t_lo * 2, t_hi * 2):
+        cols = t * BAND_N + tl.arange(0, BAND_N)
         cmask = cols < M
         s, _ = _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST, PRECISION, D, BLOCK_K, BLOCK_M,
-                           BLOCK_N, INT64)  # fmt: skip
+                           BAND_N, INT64)  # fmt: skip
         yc = tl.load(y_ptr + cols, mask=cmask, other=-2)
         b_same = tl.load(bias_ptr + cols, mask=cmask, other=float("-inf"))
         b_other = tl.load(bias_ptr + M + cols, mask=cmask, other=float("-inf"))
@@ -183,12 +186,9 @@ def _fwd_kernel(
         pos = same & (~diag)
         sk = s * k2
         x = tl.where(diag, float("-inf"), sk + tl.where(same, b_same[None, :], b_other[None, :]))
-        if ALIGNED:  # positives are not in N, but in the max (so that m is finite without negatives)
-            xm = tl.where(pos, sk, x)
+        if ALIGNED:  # positives are not in N, nor in its max: N / e^m >= 1 cannot underflow
             x = tl.where(pos, float("-inf"), x)
-        else:
-            xm = x
-        m_new = tl.maximum(m, tl.max(xm, 1))
+        m_new = tl.maximum(m, tl.max(x, 1))
         mass = mass * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(x - m_new[:, None]), 1)
         n_pos += tl.sum(pos.to(tl.float32), 1)
         pos_s += tl.sum(tl.where(pos, s, 0.0), 1)
@@ -205,21 +205,22 @@ def _fwd_kernel(
         m_new = tl.maximum(m, tl.max(x, 1))
         mass = mass * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(x - m_new[:, None]), 1)
         m = m_new
-    m = tl.where(m > 0.5 * NO_MAX, m, 0.0) * LN2  # natural units; no column at all: shift 0
+    m2 = tl.where(m > 0.5 * NO_MAX, m, 0.0)  # no column at all: shift 0
+    m = m2 * LN2  # natural units
     a_mass = tsum + alpha * n_pos
     inv_a = tl.where(a_mass > 0, 1.0 / tl.where(a_mass > 0, a_mass, 1.0), 0.0)
     if ALIGNED:
         log_mass = tl.log(mass)
         neg_log_p = tl.zeros((BLOCK_M,), tl.float32)
         r = tl.zeros((BLOCK_M,), tl.float32)
-        for t in range(t_lo, t_hi):  # the positives: band tiles only
-            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        for t in range(t_lo * 2, t_hi * 2):  # the positives: band tiles only
+            cols = t * BAND_N + tl.arange(0, BAND_N)
             cmask = cols < M
             s, _ = _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST, PRECISION, D, BLOCK_K, BLOCK_M,
-                               BLOCK_N, INT64)  # fmt: skip
+                               BAND_N, INT64)  # fmt: skip
             yc = tl.load(y_ptr + cols, mask=cmask, other=-2)
             pos = (ya[:, None] == yc[None, :]) & (rows[:, None] != cols[None, :])
-            lp = s * (k2 * LN2) - m[:, None]
+            lp = (s * k2 - m2[:, None]) * LN2  # as the forward sweep rounded it: l - m cancels exactly
             neg_log_p += tl.sum(tl.where(pos, _softplus(log_mass[:, None] - lp), 0.0), 1)
             r += tl.sum(tl.where(pos, 1.0 / (tl.exp(tl.where(pos, lp, 0.0)) + mass[:, None]), 0.0), 1)
         neg_log_p = alpha * neg_log_p
@@ -232,13 +233,15 @@ def _fwd_kernel(
         r = r * inv_a
     else:
         log_mass = tl.where(mass > 0, tl.log(mass), 0.0)
-        pos_l = pos_s * (k2 * LN2)
-        loss = tl.where(a_mass > 0, m + log_mass - (tsum_l + alpha * pos_l) * inv_a, 0.0)
+        # m - mean positive logit in log2 units first, rounded as the sweep rounded the logits: the
+        # loss of a row whose positives dominate is a small difference of large terms
+        lead = (m2 - (alpha * inv_a) * (pos_s * k2)) * LN2
+        loss = tl.where(a_mass > 0, lead + log_mass - tsum_l * inv_a, 0.0)
         r = tl.zeros((BLOCK_M,), tl.float32)
     tl.store(loss_ptr + dst, loss, mask=rmask)
     out = stats_ptr + dst * 4
-    tl.store(out + 0, m, mask=rmask)
-    tl.store(out + 1, log_mass, mask=rmask)
+    tl.store(out + 0, m2, mask=rmask)
+    tl.store(out + 1, log_mass * LOG2E, mask=rmask)
     tl.store(out + 2, inv_a, mask=rmask)
     tl.store(out + 3, r, mask=rmask)
 
@@ -294,9 +297,8 @@ def _bwd_kernel(
     w_r = tl.load(rowv_ptr + ROW_W * M + rows, mask=rmask, other=0.0)
     bs_r = tl.load(bias_ptr + rows, mask=rmask, other=float("-inf"))
     bo_r = tl.load(bias_ptr + M + rows, mask=rmask, other=float("-inf"))
-    if ALIGNED:
-        ml_r = tl.load(rowv_ptr + ROW_M * M + rows, mask=rmask, other=0.0)
-        ml_r += tl.load(rowv_ptr + ROW_LM * M + rows, mask=rmask, other=0.0)
+    m_r = tl.load(rowv_ptr + ROW_M * M + rows, mask=rmask, other=0.0)
+    lm_r = tl.load(rowv_ptr + ROW_LM * M + rows, mask=rmask, other=0.0)
     ia_r = tl.load(rowv_ptr + ROW_IA * M + rows, mask=rmask, other=0.0)
     cbar = tl.load(scal_ptr)
     do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -323,17 +325,20 @@ def _bwd_kernel(
         # row term: anchor i, column j with j's weight; column term: anchor j, column i with i's weight
         x_r = tl.where(diag, float("-inf"), sk + tl.where(same, bs_c[None, :], bo_c[None, :]))
         x_c = tl.where(diag, float("-inf"), sk + tl.where(same, bs_r[:, None], bo_r[:, None]))
+        m_c = tl.load(rowv_ptr + ROW_M * M + cols, mask=cmask, other=0.0)
+        lm_c = tl.load(rowv_ptr + ROW_LM * M + cols, mask=cmask, other=0.0)
+        # (x - m) - log_mass: x - m is exact near the max, where a positive's dl cancels
         if ALIGNED:  # positives: attraction -(t/A) N / (e^l + N); negatives: repulsion g e^l R
-            ml_c = tl.load(rowv_ptr + ROW_M * M + cols, mask=cmask, other=0.0)
-            ml_c += tl.load(rowv_ptr + ROW_LM * M + cols, mask=cmask, other=0.0)
-            att_r = -(alpha * ia_r[:, None]) / (1.0 + tl.math.exp2(tl.where(pos, sk - ml_r[:, None], 0.0)))
-            att_c = -(alpha * ia_c[None, :]) / (1.0 + tl.math.exp2(tl.where(pos, sk - ml_c[None, :], 0.0)))
+            e_r = tl.math.exp2(tl.where(pos, (sk - m_r[:, None]) - lm_r[:, None], 0.0))
+            e_c = tl.math.exp2(tl.where(pos, (sk - m_c[None, :]) - lm_c[None, :], 0.0))
+            att_r = -(alpha * ia_r[:, None]) / (1.0 + e_r)
+            att_c = -(alpha * ia_c[None, :]) / (1.0 + e_c)
             rep_r = tl.math.exp2(tl.where(pos, float("-inf"), x_r) - c_r[:, None])
             rep_c = tl.math.exp2(tl.where(pos, float("-inf"), x_c) - c_c[None, :])
             dl = co_r[:, None] * tl.where(pos, att_r, rep_r) + co_c[None, :] * tl.where(pos, att_c, rep_c)
         else:  # g e^(l - LSE) - t / A
-            dl_r = tl.math.exp2(x_r - c_r[:, None]) - tl.where(pos, alpha * ia_r[:, None], 0.0)
-            dl_c = tl.math.exp2(x_c - c_c[None, :]) - tl.where(pos, alpha * ia_c[None, :], 0.0)
+            dl_r = tl.math.exp2((x_r - m_r[:, None]) - lm_r[:, None]) - tl.where(pos, alpha * ia_r[:, None], 0.0)
+            dl_c = tl.math.exp2((x_c - m_c[None, :]) - lm_c[None, :]) - tl.where(pos, alpha * ia_c[None, :], 0.0)
             dl = co_r[:, None] * dl_r + co_c[None, :] * dl_c
         acc = _grad_product(zs_ptr, dl, b, acc, cols, cmask, d, do, UPCAST, PRECISION, D, BLOCK_K, INT64)
     n_band = t_hi - t_lo
@@ -400,7 +405,8 @@ def _centre_fwd_kernel(
 ):
     """Per anchor, over the C centre columns l = (u + log prior) / supt (weight g = 1):
     cstats [n_anchor, 5] = (m, mass / e^m, sum t l, sum t, l of the own class). The mass holds
-    every centre (softmax) or every other class's centre (aligned: the own centre is a positive).
+    every centre (softmax) or every other class's centre (aligned: the own centre is a positive,
+    left out of the max too).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n_anchor
@@ -420,10 +426,12 @@ def _centre_fwd_kernel(
             l += tl.load(prior_ptr + cls, mask=cmask, other=0.0)[None, :]
         l = tl.where(valid, l * inv_supt, float("-inf"))
         own = cls[None, :] == ya[:, None]
-        m_new = tl.maximum(m, tl.max(l, 1))
-        e = tl.exp(l - m_new[:, None])
-        if ALIGNED:
-            e = tl.where(own, 0.0, e)
+        if ALIGNED:  # the own centre is a positive: neither in the mass nor in its max
+            l_den = tl.where(own, float("-inf"), l)
+        else:
+            l_den = l
+        m_new = tl.maximum(m, tl.max(l_den, 1))
+        e = tl.exp(l_den - m_new[:, None])
         mass = mass * tl.exp(m - m_new) + tl.sum(e, 1)
         t = tl.where(own, t_own, t_off)
         lv = tl.where(valid, l, 0.0)
@@ -468,6 +476,7 @@ def _centre_bwd_kernel(
     ya = tl.load(y_ptr + rows, mask=rmask, other=-1)
     m, log_mass, inv_a, r, coef = _anchor_terms(stats_ptr, coef_ptr, rows, rmask)
     m, log_mass, inv_a, r, coef = m[:, None], log_mass[:, None], inv_a[:, None], r[:, None], coef[:, None]
+    m, log_mass = m * LN2, log_mass * LN2  # the stats are in log2 units
     l = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_u + cls[None, :], mask=valid, other=0.0)
     l = l.to(tl.float32)
     if HAS_PRIOR:
