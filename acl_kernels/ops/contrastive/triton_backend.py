@@ -12,6 +12,7 @@ kernels run on CPU tensors; that is how they are tested without a GPU.
 
 import contextlib
 import functools
+import itertools
 import inspect
 from typing import NamedTuple
 
@@ -45,19 +46,40 @@ class Tiles(NamedTuple):
     num_stages: int
 
 
-# Per kernel and feature-width class: the first entry is the default, the rest the autotune set.
-# Forward: whole-d tiles up to D = 256 (the anchor tile stays in shared memory for the program);
-# backward: a [BLOCK_M, D] fp32 accumulator, so narrower row tiles at D = 256 and beyond.
-FWD_TILES = {
-    128: [Tiles(128, 128, 8, 3), Tiles(128, 64, 8, 3), Tiles(64, 128, 4, 3)],
-    256: [Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 3), Tiles(128, 128, 8, 1)],
-    512: [Tiles(128, 128, 8, 2), Tiles(128, 64, 8, 3), Tiles(64, 128, 4, 3)],
+# Per kernel, element size (2: bf16/fp16, 4: fp32/tf32) and feature-width class: the first entry is
+# the default, the rest the autotune set. Forward: whole-d tiles up to D = 256 (the anchor tile stays
+# in shared memory for the program); backward: a [BLOCK_M, D] fp32 accumulator, so narrower row tiles
+# at D = 256 and beyond. 4-byte data: smaller tiles or fewer stages, so that every config fits the
+# 227 KiB of shared memory one H100 block may use (the sm90 compile test checks each one).
+TILES = {
+    ("fwd", 2): {
+        128: [Tiles(128, 128, 8, 3), Tiles(128, 64, 8, 3), Tiles(64, 128, 4, 3)],
+        256: [Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 3), Tiles(128, 128, 8, 1)],
+        512: [Tiles(128, 128, 8, 2), Tiles(128, 64, 8, 3), Tiles(64, 128, 4, 3)],
+    },
+    ("bwd", 2): {
+        128: [Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 3), Tiles(128, 32, 8, 3)],
+        256: [Tiles(64, 64, 4, 2), Tiles(128, 64, 8, 2), Tiles(64, 32, 4, 3)],
+        512: [Tiles(64, 64, 4, 2), Tiles(64, 32, 4, 3), Tiles(128, 32, 8, 2)],
+    },
+    ("fwd", 4): {
+        128: [Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 3), Tiles(128, 32, 8, 3)],
+        256: [Tiles(64, 64, 4, 2), Tiles(64, 32, 4, 3)],
+        512: [Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 3)],
+    },
+    ("bwd", 4): {
+        128: [Tiles(64, 64, 4, 3), Tiles(128, 32, 8, 3), Tiles(64, 32, 4, 3)],
+        256: [Tiles(64, 32, 4, 2), Tiles(32, 64, 4, 2)],
+        512: [Tiles(64, 32, 4, 2), Tiles(32, 32, 4, 3)],
+    },
 }
-BWD_TILES = {
-    128: [Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 3), Tiles(128, 32, 8, 3)],
-    256: [Tiles(64, 64, 4, 2), Tiles(128, 64, 8, 2), Tiles(64, 32, 4, 3)],
-    512: [Tiles(64, 64, 4, 2), Tiles(64, 32, 4, 3), Tiles(128, 32, 8, 2)],
-}
+
+
+def tile_set(kind: str, dtype: torch.dtype, D: int) -> list[Tiles]:
+    """The tile configs of sample kernel `kind` ("fwd"/"bwd") for data of `dtype` and width D."""
+    return TILES[kind, dtype.itemsize][width_class(D)]
+
+
 # Under the interpreter: one small config, so that the tests' small batches span several tiles.
 INTERPRET_TILES = Tiles(32, 32, 4, 1)
 WHOLE_D_MAX = 256  # beyond: the similarity in chunks of CHUNK_K, the backward output in chunks of WHOLE_D_MAX
@@ -182,22 +204,21 @@ def _int64(*sizes: int) -> bool:
     return max(sizes) >= 2**31
 
 
-def _launch(kernel, kind: str, D: int, grid, args: tuple, consts: dict) -> None:
+def _launch(kernel, kind: str, dtype: torch.dtype, D: int, grid, args: tuple, consts: dict) -> None:
     """Launch a sample kernel: the interpreter's single tile config, or the autotuned set on a GPU."""
     if INTERPRET:
         t = INTERPRET_TILES
         meta = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}
         kernel[grid(meta)](*args, **consts, **meta)
         return
-    _tuned(kernel, kind, width_class(D))[grid](*args, **consts)
+    _tuned(kernel, kind, dtype, D)[grid](*args, **consts)
 
 
 @functools.cache
-def _tuned(kernel, kind: str, width: int):
-    tiles = (FWD_TILES if kind == "fwd" else BWD_TILES)[width]
+def _tuned(kernel, kind: str, dtype: torch.dtype, D: int):
     configs = [
         triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps, num_stages=t.num_stages)
-        for t in tiles
+        for t in tile_set(kind, dtype, D)
     ]
     return triton.autotune(configs=configs, key=["D", "ALIGNED", "PRECISION", "INT64"])(kernel)
 
@@ -251,7 +272,7 @@ def fwd(
     D = feature_block(d)
     consts = sample_constexprs(zc.dtype, aligned, D, INTERPRET, torch.backends.cuda.matmul.allow_tf32)
     _launch(
-        K._fwd_kernel, "fwd", D, lambda meta: (triton.cdiv(n_here, meta["BLOCK_M"]),),
+        K._fwd_kernel, "fwd", zc.dtype, D, lambda meta: (triton.cdiv(n_here, meta["BLOCK_M"]),),
         (srt.zs, srt.y, srt.band, srt.bias, arow, cstats if cstats is not None else loss, loss, stats,
          n_here, m_rows, d, LOG2E / temperature, alpha),
         dict(consts, HAS_CENTRES=cstats is not None, INT64=_int64(m_rows * d)),
@@ -347,8 +368,9 @@ def bwd(
             D = feature_block(d)
             consts = sample_constexprs(zc.dtype, aligned, D, INTERPRET, torch.backends.cuda.matmul.allow_tf32)
             block_do = min(D, WHOLE_D_MAX)
+            grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(d, block_do))  # noqa: E731
             _launch(
-                K._bwd_kernel, "bwd", D, lambda meta: (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(d, block_do)),
+                K._bwd_kernel, "bwd", zc.dtype, D, grid,
                 (srt.zs, srt.y, srt.band, srt.bias, rowv, orow, scal, dzc, n_out, m_rows, d, k2, alpha),
                 dict(consts, BLOCK_DO=block_do, INT64=_int64(m_rows * d)),
             )  # fmt: skip
@@ -623,13 +645,13 @@ def specialisations(dtypes=("bf16", "fp16", "tf32"), dims=(128, 512), modes=("so
     pointers and, per `d_hint`, with or without it on d. Centre kernels come with centres=True."""
     for name in dtypes:
         for d in dims:
-            width = width_class(feature_block(d))
+            dtype, D = DTYPE_NAMES[name][0], feature_block(d)
             for mode in modes:
-                for tiles in FWD_TILES[width] if all_tiles else FWD_TILES[width][:1]:
+                for tiles in tile_set("fwd", dtype, D)[: None if all_tiles else 1]:
                     for hint in d_hint:
                         for c in centres:
                             yield _sample_spec("fwd", name, d, mode, c, tiles, hint)
-                for tiles in BWD_TILES[width] if all_tiles else BWD_TILES[width][:1]:
+                for tiles in tile_set("bwd", dtype, D)[: None if all_tiles else 1]:
                     for hint in d_hint:
                         yield _sample_spec("bwd", name, d, mode, any(centres), tiles, hint)
         if True in centres and name != "tf32":
@@ -639,17 +661,21 @@ def specialisations(dtypes=("bf16", "fp16", "tf32"), dims=(128, 512), modes=("so
 
 
 def compile_set():
-    """What the sm90 compile test builds: every data type, width class, mode and centre block with
-    the default tiles; every autotune config (bf16); d without the divisibility hint (bf16)."""
-    yield from specialisations(dtypes=("bf16", "fp16", "fp32", "tf32"), dims=(128, 256, 512))
-    for d in (128, 256, 512):
-        for width_specs in (specialisations(("bf16",), (d,), centres=(False,), all_tiles=True),):
-            for spec in width_specs:
-                default = spec.info["block_m"], spec.info["block_n"]
-                table = FWD_TILES if spec.info["kernel"] == "fwd" else BWD_TILES
-                if default != table[width_class(feature_block(d))][0][:2]:
-                    yield spec
-    yield from specialisations(("bf16",), (100,), centres=(False,), d_hint=(False,))
+    """What the sm90 compile test builds, each specialisation once. Every autotune config of every
+    width class and mode for bf16 and tf32 (2- and 4-byte data: fp16 and fp32 use the same shared
+    memory or less); the centre variants with default tiles; fp16 and fp32 (ieee, slow to compile)
+    with default tiles at d = 128; the centre kernels for bf16; d without the divisibility hint."""
+    seen = set()
+    for spec in itertools.chain(
+        specialisations(("bf16", "tf32"), (128, 256, 512), centres=(False,), all_tiles=True),
+        specialisations(("bf16", "tf32"), (128,), centres=(True,)),
+        specialisations(("fp16", "fp32"), (128,), centres=(False,)),
+        specialisations(("bf16",), (100,), centres=(False,), d_hint=(False,)),
+    ):
+        key = (spec.kernel, str(spec.signature), str(spec.constexprs), str(spec.attrs), str(spec.options))
+        if key not in seen:
+            seen.add(key)
+            yield spec
 
 
 __all__ = [

@@ -82,7 +82,7 @@ def _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST: tl.constexpr, PR
         acc = _dot(a, tl.trans(b), acc, UPCAST, PRECISION)
     else:
         b = a
-        for k0 in tl.static_range(0, D, BLOCK_K):
+        for k0 in range(0, D, BLOCK_K):  # a loop, not unrolled: one set of chunk buffers
             ak = _rows_tile(zs_ptr, rows, rmask, d, k0, BLOCK_K, INT64)
             bk = _rows_tile(zs_ptr, cols, cmask, d, k0, BLOCK_K, INT64)
             acc = _dot(ak, tl.trans(bk), acc, UPCAST, PRECISION)
