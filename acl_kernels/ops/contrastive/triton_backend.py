@@ -12,8 +12,8 @@ kernels run on CPU tensors; that is how they are tested without a GPU.
 
 import contextlib
 import functools
-import itertools
 import inspect
+import itertools
 from typing import NamedTuple
 
 import torch
