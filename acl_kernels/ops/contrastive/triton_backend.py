@@ -30,7 +30,7 @@ POISON = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CENTRE_BLOCK_M = 32
 CENTRE_BLOCK_C = 128
-CENTRE_WARPS = 4
+CENTRE_WARPS = 8  # 4 warps spill registers in the centre forward (ptxas, sm_90)
 # The one-exp form of the backward's off-band tiles needs 2^(s k2 - cbar) <= 2^EXP_HEADROOM (no
 # overflow) and every anchor's shift within EXP_HEADROOM of cbar (no underflow of its factor).
 EXP_HEADROOM = 100.0
@@ -49,17 +49,17 @@ class Tiles(NamedTuple):
 # Per kernel, element size (2: bf16/fp16, 4: fp32/tf32) and feature-width class: the first entry is
 # the default, the rest the autotune set. Forward: whole-d tiles up to D = 256 (the anchor tile stays
 # in shared memory for the program); backward: a [BLOCK_M, D] fp32 accumulator, so narrower row tiles
-# at D = 256 and beyond. 4-byte data: smaller tiles or fewer stages, so that every config fits the
+# at D = 256 and beyond, and 8 warps where 4 would spill it (ptxas). 4-byte data: smaller tiles or fewer stages, so that every config fits the
 # 227 KiB of shared memory one H100 block may use (the sm90 compile test checks each one).
 TILES = {
     ("fwd", 2): {
-        128: [Tiles(128, 128, 8, 3), Tiles(128, 64, 8, 3), Tiles(64, 128, 4, 3)],
+        128: [Tiles(128, 128, 8, 3), Tiles(128, 64, 8, 3), Tiles(64, 128, 8, 3)],
         256: [Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 3), Tiles(128, 128, 8, 1)],
         512: [Tiles(128, 128, 8, 2), Tiles(128, 64, 8, 3), Tiles(64, 128, 4, 3)],
     },
     ("bwd", 2): {
-        128: [Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 3), Tiles(128, 32, 8, 3)],
-        256: [Tiles(64, 64, 4, 2), Tiles(128, 64, 8, 2), Tiles(64, 32, 4, 3)],
+        128: [Tiles(128, 64, 8, 3), Tiles(64, 64, 8, 3), Tiles(128, 32, 8, 3)],
+        256: [Tiles(64, 32, 8, 3), Tiles(32, 64, 4, 3), Tiles(64, 32, 8, 2)],
         512: [Tiles(64, 64, 4, 2), Tiles(64, 32, 4, 3), Tiles(128, 32, 8, 2)],
     },
     ("fwd", 4): {
@@ -69,7 +69,7 @@ TILES = {
     },
     ("bwd", 4): {
         128: [Tiles(64, 64, 4, 3), Tiles(128, 32, 8, 3), Tiles(64, 32, 4, 3)],
-        256: [Tiles(64, 32, 4, 2), Tiles(32, 64, 4, 2)],
+        256: [Tiles(64, 32, 8, 2), Tiles(32, 64, 4, 2)],
         512: [Tiles(64, 32, 4, 2), Tiles(32, 32, 4, 3)],
     },
 }
