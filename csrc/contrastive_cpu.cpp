@@ -35,6 +35,7 @@ namespace {
 
 constexpr int64_t BM = 64;   // rows of a tile
 constexpr int64_t BN = 256;  // columns of a tile
+constexpr int64_t MAX_PARTS = 4;  // column-gradient accumulators of the symmetric backward (memory)
 constexpr double LOG2E = 1.4426950408889634;
 constexpr double LN2 = 0.6931471805599453;
 
@@ -81,6 +82,12 @@ void gemm_abt(int64_t rows, int64_t cols, int64_t d, const T* a, const T* b, T* 
   at::mm_out(out, view(a, rows, d, d), view(b, cols, d, d).t());
 }
 
+// C[k, d] += A[rows, k]^T (A row-major, lda) B[rows, d]: the transposed gradient product.
+template <typename T>
+void gemm_atb_acc(int64_t rows, int64_t k, int64_t d, const T* a, int64_t lda, const T* b, T* c) {
+  view(c, k, d, d).addmm_(view(a, rows, k, lda).t(), view(b, rows, d, d));
+}
+
 // C[rows, d] += A[rows, k] (row-major, lda) B[k, d]: the gradient product.
 template <typename T>
 void gemm_ab_acc(int64_t rows, int64_t k, int64_t d, const T* a, int64_t lda, const T* b, T* c) {
@@ -92,7 +99,8 @@ template <typename T>
 struct Problem {
   const T* zc;           // [M, d] contrast rows [z; queue], contiguous
   int64_t M, d;
-  const int64_t* y;      // [M] labels
+  const int64_t* y;      // [M] labels (a centre column c is the own class of anchor i when c == y[i])
+  const int32_t* cls;    // [M] dense class ids of the labels (what the tiles compare)
   const T* w_same;       // [M] denominator weight of column j for an anchor of its label
   const T* w_other;      // [M] ... of another label
   int64_t n_anchor;
@@ -157,8 +165,8 @@ void centre_forward(const Problem<T>& p, int64_t i, RowState<T>& st) {
 // pos: where the aligned forward stores the row's positive logits.
 template <typename T>
 void row_forward(const Problem<T>& p, int64_t i, const T* s, int64_t j0, int64_t nb, RowState<T>& st, T* pos) {
-  const int64_t yi = p.y[i];
-  const int64_t* y = p.y + j0;
+  const int32_t yi = p.cls[i];
+  const int32_t* y = p.cls + j0;
   const T* ws = p.w_same + j0;
   const T* wo = p.w_other + j0;
   const T inv_tau = p.inv_tau;
@@ -288,50 +296,119 @@ RowTerms<T> row_terms(const Problem<T>& p, const T* stats, const T* grad) {
   return t;
 }
 
-// dl of one logit l for an anchor with the given terms; g its denominator weight, pos whether the
-// column is a positive (target weight alpha).
-template <typename T>
-inline T dlogit(bool aligned, T l, T g, bool pos, T alpha, T coef, T shift, T inv_a, T r, T mass) {
-  if (!aligned) {
-    const T e = g > 0 ? exp_fast(l - shift) : T(0);
-    return coef * (g * e - (pos ? alpha * inv_a : T(0)));
+// dl of one logit l for an anchor with the given terms (coef 0: not an anchor, or no target);
+// g its denominator weight, pos whether the column is a positive (target weight alpha).
+// Branch-free (selects only), so that the tile loops vectorise.
+template <bool ALIGNED, typename T>
+inline T dlogit(T l, T g, bool pos, T alpha, T coef, T shift, T inv_a, T r, T mass) {
+  T v;
+  if constexpr (!ALIGNED) {
+    const T e = exp_fast(g > 0 ? l - shift : T(-100));
+    v = g * e - (pos ? alpha * inv_a : T(0));
+  } else {
+    const T e = exp_fast(l - shift);
+    const T denom = e + mass;
+    const T attract = denom > 0 ? -(alpha * inv_a) * mass / denom : T(0);
+    v = pos ? attract : (g > 0 ? g * e * r : T(0));
   }
-  const T e = exp_fast(l - shift);
-  const T attract = mass > 0 ? -(alpha * inv_a) * mass / (e + mass) : T(0);
-  return coef * (pos ? attract : (g > 0 ? g * e * r : T(0)));
+  return coef != 0 ? coef * v : T(0);
 }
 
-// B_ij = dl_ij [i an anchor] + dl_ji [j an anchor] for output row i against columns [j0, j0 + nb).
-template <typename T>
-void row_backward(const Problem<T>& p, const RowTerms<T>& rt, int64_t i, T* s, int64_t j0, int64_t nb, bool col_anchors) {
-  const int64_t yi = p.y[i];
-  const int64_t* y = p.y + j0;
+// In place over one row of a similarity tile: s_j -> B_ij = dl_ij [i an anchor] + dl_ji [j an
+// anchor] for row i against columns [j0, j0 + nb); columns before j_first (local) are set to 0.
+template <bool ALIGNED, bool ROW, bool COL, typename T>
+void tile_row_grad(const Problem<T>& p, const RowTerms<T>& rt, int64_t i, T* s, int64_t j0, int64_t nb,
+                   int64_t j_first) {
+  const int32_t yi = p.cls[i];
+  const int32_t* y = p.cls + j0;
   const T *ws = p.w_same + j0, *wo = p.w_other + j0;
   const T *cc = rt.coef.data() + j0, *csh = rt.shift.data() + j0, *cia = rt.inv_a.data() + j0;
   const T *cr = rt.r.data() + j0, *cm = rt.mass.data() + j0;
   const T coef = rt.coef[i], shift = rt.shift[i], inv_a = rt.inv_a[i], r = rt.r[i], mass = rt.mass[i];
   const T ws_i = p.w_same[i], wo_i = p.w_other[i], inv_tau = p.inv_tau, alpha = p.alpha;
-  const bool aligned = p.aligned, row_anchor = coef != 0;
   const int64_t self = i - j0;
 #pragma omp simd
   for (int64_t j = 0; j < nb; ++j) {
     const T l = s[j] * inv_tau;
     const bool same = y[j] == yi, not_self = j != self, pos = same && not_self;
     T b = 0;
-    if (row_anchor) {
+    if constexpr (ROW) {
       const T g = not_self ? (same ? ws[j] : wo[j]) : T(0);
-      b += dlogit(aligned, l, g, pos, alpha, coef, shift, inv_a, r, mass);
+      b += dlogit<ALIGNED>(l, g, pos, alpha, coef, shift, inv_a, r, mass);
     }
-    if (col_anchors) {
+    if constexpr (COL) {
       const T g = not_self ? (same ? ws_i : wo_i) : T(0);
-      b += dlogit(aligned, l, g, pos, alpha, cc[j], csh[j], cia[j], cr[j], cm[j]);
+      b += dlogit<ALIGNED>(l, g, pos, alpha, cc[j], csh[j], cia[j], cr[j], cm[j]);
     }
-    s[j] = b;
+    s[j] = j >= j_first ? b : T(0);
   }
 }
 
-// dz of the contrast rows out_rows[k] (global, ascending not required) into dz [n_out, d] of type
-// OutT; dl from the stats and upstream gradients of all n_anchor anchors.
+template <typename T>
+void tile_row_grad(const Problem<T>& p, const RowTerms<T>& rt, int64_t i, T* s, int64_t j0, int64_t nb,
+                   int64_t j_first, bool row, bool col) {
+  using F = void (*)(const Problem<T>&, const RowTerms<T>&, int64_t, T*, int64_t, int64_t, int64_t);
+  static constexpr F table[2][2][2] = {
+      {{tile_row_grad<false, false, false, T>, tile_row_grad<false, false, true, T>},
+       {tile_row_grad<false, true, false, T>, tile_row_grad<false, true, true, T>}},
+      {{tile_row_grad<true, false, false, T>, tile_row_grad<true, false, true, T>},
+       {tile_row_grad<true, true, false, T>, tile_row_grad<true, true, true, T>}}};
+  table[p.aligned][row][col](p, rt, i, s, j0, nb, j_first);
+}
+
+// Single process: dz of the contrast rows [0, n_out) into dz [n_out, d] (type OutT), symmetric.
+// Every pair of rows (i < j) with i an anchor (anchors are a prefix, so a pair without one has
+// B = 0) is visited once, in the row block of i: B_ij from one similarity tile, then
+// dz_I += B zc_J (row block) and dz_J += B^T zc_I (columns). The anchor row blocks are split into
+// `parts` contiguous ranges of equal work, each with its own [n_out, d] accumulator, summed in
+// part order at the end: no atomics, bitwise repeatable for a given thread count.
+template <typename T, typename OutT>
+void backward_symmetric(const Problem<T>& p, const RowTerms<T>& rt, int64_t n_out, OutT* dz) {
+  const int64_t d = p.d, n_blocks = (p.n_anchor + BM - 1) / BM;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), MAX_PARTS, n_blocks}));
+  std::vector<int64_t> first(parts + 1, n_blocks);  // block ranges of equal work (M - i0 columns each)
+  first[0] = 0;
+  double total = 0;
+  for (int64_t b = 0; b < n_blocks; ++b) total += static_cast<double>(p.M - b * BM);
+  double done = 0;
+  for (int64_t b = 0, k = 1; b < n_blocks && k < parts; ++b) {
+    done += static_cast<double>(p.M - b * BM);
+    if (done >= total * k / parts) first[k++] = b + 1;
+  }
+  std::vector<T> acc(parts * n_out * d, T(0));
+  at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<T> s(BM * BN);
+    for (int64_t q = q0; q < q1; ++q) {
+      T* out = acc.data() + q * n_out * d;
+      for (int64_t b = first[q]; b < first[q + 1]; ++b) {
+        const int64_t i0 = b * BM, rows = std::min(BM, p.n_anchor - i0);
+        for (int64_t j0 = i0; j0 < p.M; j0 += BN) {
+          const int64_t nb = std::min(BN, p.M - j0);
+          gemm_abt(rows, nb, d, p.zc + i0 * d, p.zc + j0 * d, s.data(), BN);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + r;
+            tile_row_grad(p, rt, i, s.data() + r * BN, j0, nb, std::max<int64_t>(0, i - j0 + 1), true,
+                          j0 < p.n_anchor);
+          }
+          gemm_ab_acc(rows, nb, d, s.data(), BN, p.zc + j0 * d, out + i0 * d);
+          const int64_t cols_out = std::min(nb, n_out - j0);
+          if (cols_out > 0) gemm_atb_acc(rows, cols_out, d, s.data(), BN, p.zc + i0 * d, out + j0 * d);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, n_out, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t k = r0 * d; k < r1 * d; ++k) {
+      T sum = 0;
+      for (int64_t q = 0; q < parts; ++q) sum += acc[q * n_out * d + k];
+      dz[k] = static_cast<OutT>(sum * p.inv_tau);
+    }
+  });
+}
+
+// Process group: dz of the contrast rows out_rows[k] (global indices) into dz [n_out, d] (type
+// OutT). One program per block of output rows sweeps the columns: B_IJ as above from one tile,
+// dz_I += B zc_J; rows without an anchor meet only the anchor columns (their column term).
 template <typename T, typename OutT>
 void backward_rows(const Problem<T>& p, const RowTerms<T>& rt, const int64_t* out_rows, int64_t n_out, OutT* dz) {
   const int64_t n_blocks = (n_out + BM - 1) / BM;
@@ -347,14 +424,13 @@ void backward_rows(const Problem<T>& p, const RowTerms<T>& rt, const int64_t* ou
         std::copy(p.zc + i * p.d, p.zc + (i + 1) * p.d, zi.data() + r * p.d);
       }
       std::fill(acc.begin(), acc.end(), T(0));
-      // rows without an anchor only meet the anchor columns (their column term)
       const int64_t end = any_anchor ? p.M : anchor_cols;
       for (int64_t j0 = 0; j0 < end; j0 += BN) {
         const int64_t nb = std::min(BN, end - j0);
         gemm_abt(rows, nb, p.d, zi.data(), p.zc + j0 * p.d, s.data(), BN);
-        const bool col_anchors = j0 < p.n_anchor;
         for (int64_t r = 0; r < rows; ++r) {
-          row_backward(p, rt, out_rows[k0 + r], s.data() + r * BN, j0, nb, col_anchors);
+          const int64_t i = out_rows[k0 + r];
+          tile_row_grad(p, rt, i, s.data() + r * BN, j0, nb, 0, i < p.n_anchor, j0 < p.n_anchor);
         }
         gemm_ab_acc(rows, nb, p.d, s.data(), BN, p.zc + j0 * p.d, acc.data());
       }
@@ -380,7 +456,7 @@ void backward_centres(const Problem<T>& p, const RowTerms<T>& rt, int64_t n, Out
         if (!p.aligned) {
           dl = rt.coef[i] * (exp_fast(l - rt.shift[i]) - (own ? p.t_own : p.t_off) * rt.inv_a[i]);
         } else {
-          dl = dlogit(true, l, T(1), own, p.t_own, rt.coef[i], rt.shift[i], rt.inv_a[i], rt.r[i], rt.mass[i]);
+          dl = dlogit<true>(l, T(1), own, p.t_own, rt.coef[i], rt.shift[i], rt.inv_a[i], rt.r[i], rt.mass[i]);
         }
         du[k * p.C + c] = static_cast<OutT>(dl * p.inv_supt);
       }
@@ -445,6 +521,7 @@ Problem<T> make_problem(const at::Tensor& zc, const at::Tensor& labels, const st
   p.M = zc.size(0);
   p.d = zc.size(1);
   p.y = static_cast<const int64_t*>(as(labels, at::kLong));
+  p.cls = static_cast<const int32_t*>(as(std::get<1>(at::_unique2(labels, true, true, false)), at::kInt));
   p.w_same = static_cast<const T*>(as(w_same.reshape(-1), ct));
   p.w_other = static_cast<const T*>(as(w_other.reshape(-1), ct));
   p.n_anchor = sc.n_anchor;
@@ -494,6 +571,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_fwd_cpu(
   if (r1 == r0) return {loss, stats};
   // positives per anchor are bounded by its label's count among the contrast rows
   const at::Tensor lab = labels.to(at::kLong);
+  // the positives of an anchor: at most its label's count among the contrast rows
   const int64_t max_pos = aligned ? std::get<2>(at::_unique2(lab, false, false, true)).max().item<int64_t>() : 0;
   AT_DISPATCH_FLOATING_TYPES(ct, "contrastive_fwd_cpu", [&] {
     std::vector<at::Tensor> keep;
@@ -532,18 +610,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cpu(
     std::vector<at::Tensor> keep;
     const auto p = make_problem<scalar_t>(zc, lab, centre_logits, log_prior, w_same, w_other, sc, a0, keep);
     const auto rt = row_terms(p, st.data_ptr<scalar_t>(), g.data_ptr<scalar_t>());
-    if (need_z || need_queue) {
-      at::Tensor rows = out_rows.has_value() ? out_rows->to(at::kLong).contiguous()
-                                             : at::arange(need_queue ? m_rows : n, lab.options());
-      if (out_rows.has_value()) {
-        TORCH_CHECK(rows.numel() == 0 || (rows.min().item<int64_t>() >= 0 && rows.max().item<int64_t>() < m_rows),
-                    "contrastive op (CPU): out_rows must index the ", m_rows, " contrast rows");
-      }
-      at::Tensor dzc = at::empty({rows.numel(), d}, z.options());
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dzc.scalar_type(), "contrastive_bwd_out", [&] {
-        backward_rows(p, rt, rows.data_ptr<int64_t>(), rows.numel(), dzc.data_ptr<scalar_t>());
+    if (out_rows.has_value() && need_z) {
+      const at::Tensor rows = out_rows->to(at::kLong).contiguous();
+      TORCH_CHECK(rows.numel() == 0 || (rows.min().item<int64_t>() >= 0 && rows.max().item<int64_t>() < m_rows),
+                  "contrastive op (CPU): out_rows must index the ", m_rows, " contrast rows");
+      dz = at::empty({rows.numel(), d}, z.options());
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dz.scalar_type(), "contrastive_bwd_rows", [&] {
+        backward_rows(p, rt, rows.data_ptr<int64_t>(), rows.numel(), dz.data_ptr<scalar_t>());
       });
-      if (need_z) dz = out_rows.has_value() ? dzc : dzc.narrow(0, 0, n);
+    } else if (need_z || need_queue) {
+      const int64_t n_out = need_queue ? m_rows : n;
+      at::Tensor dzc = at::empty({n_out, d}, z.options());
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dzc.scalar_type(), "contrastive_bwd_sym", [&] {
+        backward_symmetric(p, rt, n_out, dzc.data_ptr<scalar_t>());
+      });
+      if (need_z) dz = dzc.narrow(0, 0, n);
       if (need_queue) dq = dzc.narrow(0, n, m_rows - n).clone();  // outputs of an op may not alias
     }
     if (need_centres) {
