@@ -39,29 +39,30 @@ constexpr int64_t MAX_PARTS = 4;  // column-gradient accumulators of the symmetr
 constexpr double LOG2E = 1.4426950408889634;
 constexpr double LN2 = 0.6931471805599453;
 
-// exp(x) for float that the compiler vectorises (no call, no branch): Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r (relative error ~2e-7) and 2^n from
-// the exponent bits. Arguments below -87 give 0 (the kernels only exponentiate x <= 0 or discard
-// the result), above 88 are clamped.
-inline float exp_fast(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+// 2^x for float that the compiler vectorises (no call, no branch): x = n + r, |r| <= 1/2, a
+// degree-7 polynomial of e^(r ln 2) (relative error ~1e-8, below fp32 rounding) times 2^n from the
+// exponent bits. Arguments below -126 give 0 (the kernels only exponentiate x <= 0, or discard the
+// result), above 127 are clamped.
+inline float exp2_fast(float x) {
+  const float xc = std::min(std::max(x, -126.0f), 127.0f);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const float n = (xc * 1.44269504f + shifter) - shifter;
-  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float n = (xc + shifter) - shifter;
+  const float y = (xc - n) * 0.693147180559945f;
+  float p = 1.0f / 5040.0f;
+  p = p * y + 1.0f / 720.0f;
+  p = p * y + 1.0f / 120.0f;
+  p = p * y + 1.0f / 24.0f;
+  p = p * y + 1.0f / 6.0f;
+  p = p * y + 0.5f;
+  p = p * y + 1.0f;
+  p = p * y + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+  return x < -126.0f ? 0.0f : p * scale;
 }
 
-inline double exp_fast(double x) { return std::exp(x); }
+inline double exp2_fast(double x) { return std::exp2(x); }
 
 template <typename T>
 T softplus(T x) {
@@ -105,12 +106,13 @@ struct Problem {
   const T* w_other;      // [M] ... of another label
   int64_t n_anchor;
   bool aligned;
-  T inv_tau, alpha;
+  T k2, alpha;      // logits in log2 units: x = s k2, k2 = log2(e) / temperature
+  T inv_tau;
   // centre block (C = 0: none); u holds the rows of the anchors [a0, a0 + rows), row stride C
   const T* u;
   const T* log_prior;    // [C] or null
   int64_t C, a0;
-  T inv_supt, t_own, t_off;
+  T c2, inv_supt, t_own, t_off;  // centre logit in log2 units: (u + log prior) c2, c2 = log2(e) / supt
 };
 
 // ---- forward ---------------------------------------------------------------------------------
@@ -138,19 +140,19 @@ void centre_forward(const Problem<T>& p, int64_t i, RowState<T>& st) {
   const int64_t yi = p.y[i];
   T m = no_max<T>();
   for (int64_t c = 0; c < p.C; ++c) {
-    const T l = (u[c] + (p.log_prior ? p.log_prior[c] : T(0))) * p.inv_supt;
+    const T l = (u[c] + (p.log_prior ? p.log_prior[c] : T(0))) * p.c2;
     m = std::max(m, l);
   }
   T mass = 0, a = 0;
   double tl = 0;
   for (int64_t c = 0; c < p.C; ++c) {
-    const T l = (u[c] + (p.log_prior ? p.log_prior[c] : T(0))) * p.inv_supt;
+    const T l = (u[c] + (p.log_prior ? p.log_prior[c] : T(0))) * p.c2;
     const bool own = c == yi;
     const T t = own ? p.t_own : p.t_off;
     if (p.aligned && own) {
       st.l_own = l;
     } else {
-      mass += exp_fast(l - m);
+      mass += exp2_fast(l - m);
     }
     tl += static_cast<double>(t) * l;
     a += t;
@@ -169,17 +171,17 @@ void row_forward(const Problem<T>& p, int64_t i, const T* s, int64_t j0, int64_t
   const int32_t* y = p.cls + j0;
   const T* ws = p.w_same + j0;
   const T* wo = p.w_other + j0;
-  const T inv_tau = p.inv_tau;
+  const T k2 = p.k2;
   const int64_t self = i - j0;  // column of the anchor itself (outside [0, nb) for most tiles)
   T tile_max = no_max<T>();
 #pragma omp simd reduction(max : tile_max)
   for (int64_t j = 0; j < nb; ++j) {
     const bool same = y[j] == yi;
     const bool keep = j != self && (same || wo[j] > 0);
-    tile_max = std::max(tile_max, keep ? s[j] * inv_tau : no_max<T>());
+    tile_max = std::max(tile_max, keep ? s[j] * k2 : no_max<T>());
   }
   if (tile_max > st.m) {
-    st.mass *= exp_fast(st.m - tile_max);
+    st.mass *= exp2_fast(st.m - tile_max);
     st.m = tile_max;
   }
   const T m = st.m;
@@ -188,10 +190,10 @@ void row_forward(const Problem<T>& p, int64_t i, const T* s, int64_t j0, int64_t
 #pragma omp simd reduction(+ : mass, sum_l, count)
   for (int64_t j = 0; j < nb; ++j) {
     const bool same = y[j] == yi && j != self;
-    const T l = s[j] * inv_tau;
+    const T l = s[j] * k2;
     const T g = j == self ? T(0) : (same ? ws[j] : wo[j]);
     const bool in_mass = g > 0 && !(aligned && same);
-    mass += in_mass ? g * exp_fast(l - m) : T(0);
+    mass += in_mass ? g * exp2_fast(l - m) : T(0);
     sum_l += same ? l : T(0);
     count += same ? T(1) : T(0);
   }
@@ -200,42 +202,42 @@ void row_forward(const Problem<T>& p, int64_t i, const T* s, int64_t j0, int64_t
   st.a += p.alpha * count;
   if (aligned && count > 0) {
     for (int64_t j = 0; j < nb; ++j) {
-      if (y[j] == yi && j != self) pos[st.n_pos++] = s[j] * inv_tau;
+      if (y[j] == yi && j != self) pos[st.n_pos++] = s[j] * k2;
     }
   }
 }
 
-// Loss (without loss_scale) and stats of a finished row.
+// Loss (without loss_scale) and stats of a finished row; the state is in log2 units.
 template <typename T>
 void row_finish(const Problem<T>& p, RowState<T>& st, const T* pos, T* loss, T* stats) {
   const T inv_a = st.a > 0 ? T(1) / st.a : T(0);
-  const bool seen = st.m > no_max<T>();
-  const T m = seen ? st.m : T(0);
+  const T m = st.m > no_max<T>() ? st.m : T(0);
   T out = 0, r = 0, log_mass;
   if (!p.aligned) {
-    log_mass = st.mass > 0 ? std::log(st.mass) : T(0);
-    if (st.a > 0) out = static_cast<T>((static_cast<double>(m) - st.sum_tl * inv_a) + log_mass);
+    log_mass = st.mass > 0 ? std::log2(st.mass) : T(0);
+    if (st.a > 0) out = static_cast<T>(((static_cast<double>(m) - st.sum_tl * inv_a) + log_mass) * LN2);
   } else {
-    log_mass = std::log(st.mass);  // -inf without negatives: every positive then has p = 1
+    log_mass = std::log2(st.mass);  // -inf without negatives: every positive then has p = 1
+    const double ln_mass = log_mass * LN2;
     double nlp = 0, rr = 0;
     for (int64_t k = 0; k < st.n_pos; ++k) {
-      const T lp = pos[k] - m;
-      nlp += softplus(log_mass - lp);
-      rr += 1.0 / (std::exp(static_cast<double>(lp)) + st.mass);
+      const double lp = static_cast<double>(pos[k] - m);
+      nlp += softplus(ln_mass - lp * LN2);
+      rr += 1.0 / (std::exp2(lp) + st.mass);
     }
     nlp *= p.alpha;
     rr *= p.alpha;
     if (p.C > 0) {  // the own centre is a positive of target weight t_own
-      const T lp = st.l_own - m;
-      nlp += p.t_own * softplus(log_mass - lp);
-      rr += p.t_own / (std::exp(static_cast<double>(lp)) + st.mass);
+      const double lp = static_cast<double>(st.l_own - m);
+      nlp += p.t_own * softplus(ln_mass - lp * LN2);
+      rr += p.t_own / (std::exp2(lp) + st.mass);
     }
     out = static_cast<T>(nlp * inv_a);
     r = static_cast<T>(rr * inv_a);
   }
   *loss = out;
-  stats[0] = static_cast<T>(m * LOG2E);
-  stats[1] = static_cast<T>(log_mass * LOG2E);
+  stats[0] = m;
+  stats[1] = log_mass;
   stats[2] = inv_a;
   stats[3] = r;
 }
@@ -273,7 +275,7 @@ void forward(const Problem<T>& p, int64_t r0, int64_t r1, int64_t max_pos, T* lo
 
 // Per contrast row (structure of arrays), what its dl needs when it is the anchor of a product:
 // coef (0 off the anchors and for anchors without a target), the exponent shift (softmax:
-// m + log_mass; aligned: m), 1/A, R and the negative mass (aligned), in natural-log units.
+// m + log_mass; aligned: m, in log2 units like the logits), 1/A, R and the negative mass (aligned).
 template <typename T>
 struct RowTerms {
   std::vector<T> coef, shift, inv_a, r, mass;
@@ -285,13 +287,13 @@ RowTerms<T> row_terms(const Problem<T>& p, const T* stats, const T* grad) {
   for (auto* v : {&t.coef, &t.shift, &t.inv_a, &t.r, &t.mass}) v->assign(p.M, T(0));
   for (int64_t i = 0; i < p.n_anchor; ++i) {
     const T* st = stats + 4 * i;
-    const T m = static_cast<T>(st[0] * LN2), log_mass = static_cast<T>(st[1] * LN2);
+    const T m = st[0], log_mass = st[1];
     if (!(st[2] > 0)) continue;
     t.coef[i] = grad[i];
     t.inv_a[i] = st[2];
     t.shift[i] = p.aligned ? m : m + log_mass;
     t.r[i] = st[3];
-    t.mass[i] = std::exp(log_mass);
+    t.mass[i] = std::exp2(log_mass);
   }
   return t;
 }
@@ -303,10 +305,10 @@ template <bool ALIGNED, typename T>
 inline T dlogit(T l, T g, bool pos, T alpha, T coef, T shift, T inv_a, T r, T mass) {
   T v;
   if constexpr (!ALIGNED) {
-    const T e = exp_fast(g > 0 ? l - shift : T(-100));
+    const T e = exp2_fast(g > 0 ? l - shift : T(-100));
     v = g * e - (pos ? alpha * inv_a : T(0));
   } else {
-    const T e = exp_fast(l - shift);
+    const T e = exp2_fast(l - shift);
     const T denom = e + mass;
     const T attract = denom > 0 ? -(alpha * inv_a) * mass / denom : T(0);
     v = pos ? attract : (g > 0 ? g * e * r : T(0));
@@ -325,11 +327,11 @@ void tile_row_grad(const Problem<T>& p, const RowTerms<T>& rt, int64_t i, T* s, 
   const T *cc = rt.coef.data() + j0, *csh = rt.shift.data() + j0, *cia = rt.inv_a.data() + j0;
   const T *cr = rt.r.data() + j0, *cm = rt.mass.data() + j0;
   const T coef = rt.coef[i], shift = rt.shift[i], inv_a = rt.inv_a[i], r = rt.r[i], mass = rt.mass[i];
-  const T ws_i = p.w_same[i], wo_i = p.w_other[i], inv_tau = p.inv_tau, alpha = p.alpha;
+  const T ws_i = p.w_same[i], wo_i = p.w_other[i], k2 = p.k2, alpha = p.alpha;
   const int64_t self = i - j0;
 #pragma omp simd
   for (int64_t j = 0; j < nb; ++j) {
-    const T l = s[j] * inv_tau;
+    const T l = s[j] * k2;
     const bool same = y[j] == yi, not_self = j != self, pos = same && not_self;
     T b = 0;
     if constexpr (ROW) {
@@ -450,11 +452,11 @@ void backward_centres(const Problem<T>& p, const RowTerms<T>& rt, int64_t n, Out
       const T* u = p.u + k * p.C;
       const int64_t yi = p.y[i];
       for (int64_t c = 0; c < p.C; ++c) {
-        const T l = (u[c] + (p.log_prior ? p.log_prior[c] : T(0))) * p.inv_supt;
+        const T l = (u[c] + (p.log_prior ? p.log_prior[c] : T(0))) * p.c2;
         const bool own = c == yi;
         T dl;
         if (!p.aligned) {
-          dl = rt.coef[i] * (exp_fast(l - rt.shift[i]) - (own ? p.t_own : p.t_off) * rt.inv_a[i]);
+          dl = rt.coef[i] * (exp2_fast(l - rt.shift[i]) - (own ? p.t_own : p.t_off) * rt.inv_a[i]);
         } else {
           dl = dlogit<true>(l, T(1), own, p.t_own, rt.coef[i], rt.shift[i], rt.inv_a[i], rt.r[i], rt.mass[i]);
         }
@@ -527,6 +529,7 @@ Problem<T> make_problem(const at::Tensor& zc, const at::Tensor& labels, const st
   p.n_anchor = sc.n_anchor;
   p.aligned = sc.aligned;
   p.inv_tau = static_cast<T>(1.0 / sc.temperature);
+  p.k2 = static_cast<T>(LOG2E / sc.temperature);
   p.alpha = static_cast<T>(sc.alpha);
   p.a0 = a0;
   if (centre_logits.has_value()) {
@@ -537,6 +540,7 @@ Problem<T> make_problem(const at::Tensor& zc, const at::Tensor& labels, const st
       p.log_prior = static_cast<const T*>(as(log_prior->reshape(-1), ct));
     }
     p.inv_supt = static_cast<T>(1.0 / sc.supt);
+    p.c2 = static_cast<T>(LOG2E / sc.supt);
     const bool plain = sc.aligned || sc.smooth == 0;  // label smoothing: softmax mode only
     p.t_own = static_cast<T>(plain ? sc.beta : sc.beta * (1.0 - sc.smooth));
     p.t_off = static_cast<T>(plain || p.C == 1 ? 0.0 : sc.beta * sc.smooth / (p.C - 1));
