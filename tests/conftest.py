@@ -83,16 +83,21 @@ def make_case(rng, n, d, n_classes, *, n_anchor=None, queue=0, centres=False, dt
     return z, y, kw, inputs
 
 
+def require_native() -> None:
+    """Skip without the native kernel, or fail where a C++ compiler exists (the install should
+    then have built it)."""
+    from acl_kernels.dispatch import backends
+
+    missing = backends()["native"].missing
+    if missing and shutil.which(os.environ.get("CXX", "c++")) and not os.environ.get("TRITON_INTERPRET"):
+        pytest.fail(f"a C++ compiler exists but the native kernel is missing: {missing}")
+    if missing:
+        pytest.skip(missing)
+
+
 @pytest.fixture(params=["torch", "native"])
 def cpu_impl(request):
-    """Each fast CPU backend: the chunked torch path and the native C++ kernel. A missing native
-    kernel fails where a C++ compiler exists (the install should have built it), else skips."""
+    """Each fast CPU backend: the chunked torch path and the native C++ kernel (require_native)."""
     if request.param == "native":
-        from acl_kernels.dispatch import backends
-
-        missing = backends()["native"].missing
-        if missing and shutil.which(os.environ.get("CXX", "c++")) and not os.environ.get("TRITON_INTERPRET"):
-            pytest.fail(f"a C++ compiler exists but the native kernel is missing: {missing}")
-        if missing:
-            pytest.skip(missing)
+        require_native()
     return request.param
