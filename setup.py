@@ -1,7 +1,7 @@
-"""Builds the native CPU kernel of the loss (csrc/, C++20 as torch's headers need, -O3, OpenMP) as `acl_kernels._C` whenever
-torch is importable at build time and a C++ compiler works; otherwise, or if the build fails, the
-package installs pure Python (`python -m acl_kernels.info` then says why the native backend is
-missing). Torch must be installed first and the build run without isolation:
+"""Builds the native CPU kernel of the loss (csrc/; C++20, which torch's headers need; -O3; OpenMP)
+as `acl_kernels._C` whenever torch is importable at build time and a C++ compiler works. Otherwise,
+or if the build fails, the package installs pure Python, and `python -m acl_kernels.info` says why
+the native backend is missing. Torch must be installed first and the build run without isolation:
 `pip install --no-build-isolation -e .` (what `make` does) or `pip wheel --no-build-isolation .`.
 """
 

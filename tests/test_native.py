@@ -114,3 +114,11 @@ def test_bad_arguments_name_the_argument(rng):
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_args(rng, False)]
     with pytest.raises(RuntimeError, match="anchor range"):
         op.contrastive_fwd(*args, 5, 99)
+
+
+def test_info_reports_every_backend():
+    from acl_kernels.info import report
+
+    lines = report()
+    assert any(line.split()[:1] == ["native"] and line.endswith("present") for line in lines), lines
+    assert any(line.startswith("native kernel: ") for line in lines), lines
