@@ -5,14 +5,15 @@
 // anchors in row blocks of BM (at::parallel_for), contrast columns in tiles of BN, the similarity
 // tile on a BLAS call (at::mm_out on views of the tile buffers), then masks, weights, the online max and the
 // sum-exp fused over the tile while it is in cache. Nothing N x N is ever allocated: workspace is
-// O(threads x BM x (BN + d)) per call, plus the positives of a row block in aligned mode.
+// O(threads x BM x (BN + d)) per call, plus the positives of a row block in aligned mode and the
+// one-process backward's column accumulators (at most MAX_PARTS x rows x d).
 //
-// Backward: one program per block of output rows sweeps every column tile once. From the one
-// similarity tile S_IJ it forms B_ij = dl_ij [i an anchor] + dl_ji [j an anchor] (dl_ij needs row
-// i's statistics and column j's weights only) and adds B_IJ zc_J to the block's accumulator: the
-// row term and the column term of README.md's "Gradients of the rows" in one product. Every
-// output row is written by exactly one program, in a fixed order: deterministic, no atomics, the
-// same result for any thread count.
+// Backward: from one similarity tile S_IJ, B_ij = dl_ij [i an anchor] + dl_ji [j an anchor] (dl_ij
+// needs row i's statistics and column j's weights only), the row term and the column term of
+// README.md's "Gradients of the rows" in one matrix. One process: every pair of rows i < j with i
+// an anchor once (dz_I += B zc_J, dz_J += B^T zc_I) into per-part accumulators summed in a fixed
+// order. Process group: one program per block of the requested rows, dz_I += B zc_J over all
+// columns. No atomics; repeatable bit for bit for a given thread count.
 //
 // Statistics per anchor (the op's contract, shared with the Triton kernels): stats [a, 4] =
 // (m, log_mass, 1/A, R) with m and log_mass in log2 units (log2 of the shift and of the mass),

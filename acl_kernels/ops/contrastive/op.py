@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .problem import LossProblem
 
-_LIB = torch.library.Library("acl_kernels", "DEF")
+_LIB = torch.library.Library("acl_kernels", "FRAGMENT")
 _FWD_SCHEMA = (
     "contrastive_fwd(Tensor z, Tensor labels, Tensor? queue, Tensor? centre_logits, Tensor? log_prior, "
     "Tensor w_same, Tensor w_other, int n_anchor, bool aligned, float temperature, float alpha, float beta, "
