@@ -35,7 +35,7 @@ def native_extension():
                 )
                 self.extensions = []
 
-    flags = ["-O3", "-std=c++20", "-fopenmp"]
+    flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]
     ext = CppExtension("acl_kernels._C", SOURCES, extra_compile_args=flags, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}
 
