@@ -3,8 +3,8 @@
 //
 // The same streaming algorithm as the Triton kernels (acl_kernels/ops/contrastive/README.md):
 // anchors in row blocks of BM (at::parallel_for), contrast columns in tiles of BN, the similarity
-// tile on a BLAS call (at::mm_out on views of the tile buffers), then masks, weights, the online max and the
-// sum-exp fused over the tile while it is in cache. Nothing N x N is ever allocated: workspace is
+// tile on a BLAS call (at::mm_out on views of the tile buffers), then masks, weights, the online
+// max and the sum-exp fused over the tile while it is in cache. Nothing N x N is ever allocated: workspace is
 // O(threads x BM x (BN + d)) per call, plus the positives of a row block in aligned mode and the
 // one-process backward's column accumulators (at most MAX_PARTS x rows x d).
 //
@@ -74,7 +74,8 @@ T softplus(T x) {
 // Called inside at::parallel_for, where ATen and BLAS run them on the calling thread.
 template <typename T>
 at::Tensor view(const T* data, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, options);
 }
 
 // C[rows, cols] (row-major, ldc) = A[rows, d] B[cols, d]^T: the similarity tile.
@@ -633,8 +634,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cpu(
       if (need_queue) dq = dzc.narrow(0, n, m_rows - n).clone();  // outputs of an op may not alias
     }
     if (need_centres) {
-      TORCH_CHECK(centre_logits->size(0) == a1 - a0, "contrastive op (CPU): centre_logits must have one row per anchor (",
-                  a1 - a0, "), got ", centre_logits->size(0));
+      TORCH_CHECK(centre_logits->size(0) == a1 - a0,
+                  "contrastive op (CPU): centre_logits must have one row per anchor (", a1 - a0, "), got ",
+                  centre_logits->size(0));
       du = at::empty(centre_logits->sizes(), centre_logits->options().memory_format(at::MemoryFormat::Contiguous));
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, du.scalar_type(), "contrastive_bwd_centres", [&] {
         backward_centres(p, rt, a1 - a0, du.data_ptr<scalar_t>());

@@ -94,7 +94,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(stats, z, args["labels"], args["queue"], args["centre_logits"], args["log_prior"],
                           args["w_same"], args["w_other"])  # fmt: skip
     ctx.scalars = tuple(args[k] for k in _ARGS[6:])
-    ctx.partial = rest[len(_ARGS) :] not in ([], [0, -1])
+    start, end = (list(rest[len(_ARGS) :]) + [0, -1])[:2]
+    ctx.partial = start != 0 or end not in (-1, args["n_anchor"])
 
 
 def _backward(ctx, grad_loss, grad_stats):
