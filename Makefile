@@ -12,10 +12,13 @@ STAMP := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml setup.py | $(PY)
-	$(PIP) install -q --upgrade pip
+# The native CPU kernel (csrc/) compiles against the installed torch, hence no build isolation;
+# `$(PY) -m acl_kernels.info` says which backends the install has.
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp) | $(PY)
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e ".[train,bench,dev]"
+	$(PIP) install -q --no-build-isolation -e ".[train,bench,dev]"
+	$(PY) -m acl_kernels.info
 	touch $(STAMP)
 
 # Train on the embedded MNIST-LT default (CPU, a few minutes); prints top-1 and Many/Medium/Few.
@@ -36,4 +39,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_loss.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache acl_kernels/_C*.so

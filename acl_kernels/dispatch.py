@@ -1,6 +1,6 @@
 """Backend choice: each backend says why it refuses a problem; `auto` takes the first that accepts.
 
-The environment variable ACL_KERNELS_IMPL (reference | torch | triton) forces a backend for calls
+The environment variable ACL_KERNELS_IMPL (reference | torch | native | triton) forces a backend for calls
 made with impl="auto"; an explicit impl= always wins.
 """
 
@@ -42,6 +42,7 @@ class Backend:
     # all-reduces an N x d gradient: fine for the oracle, not for training.
     row_stats: RowStats | None = None
     autograd_exact: bool = False
+    missing: str | None = None  # why the backend is absent from this install (None: present)
 
 
 def _refusals(backend: Backend, p: LossProblem) -> list[str]:
@@ -65,13 +66,20 @@ def _triton_backend() -> Backend:
         from .ops.contrastive import triton_backend
     except ImportError as err:  # triton missing, or a platform without it
         reason = f"Triton is unavailable ({err})"
-        return Backend("triton", _unavailable(reason), lambda p: [reason])
+        return Backend("triton", _unavailable(reason), lambda p: [reason], missing=reason)
     return Backend(
         "triton",
         triton_backend.triton_loss,
         triton_backend.refuses,
         RowStats(triton_backend.row_statistics, triton_backend.row_gradients),
     )
+
+
+def _native_backend() -> Backend:
+    from .ops.contrastive import native
+
+    row_stats = RowStats(native.row_statistics, native.row_gradients)
+    return Backend("native", native.native_loss, native.refuses, row_stats, missing=native.MISSING)
 
 
 def _unavailable(reason: str) -> Callable[[LossProblem], Tensor]:
@@ -90,6 +98,7 @@ def backends() -> dict[str, Backend]:
     if _BACKENDS is None:
         _BACKENDS = {
             "triton": _triton_backend(),
+            "native": _native_backend(),
             "torch": Backend("torch", chunked_loss, _torch_refuses, RowStats(anchor_statistics, grad_rows)),
             "reference": Backend("reference", reference_loss, lambda p: [], autograd_exact=True),
         }
@@ -98,11 +107,11 @@ def backends() -> dict[str, Backend]:
 
 # Backends that can run on CPU tensors (the Triton interpreter) but that auto keeps for GPUs.
 GPU_ONLY_FOR_AUTO = ("triton",)
-IMPLS = ("auto", "triton", "torch", "reference")
+IMPLS = ("auto", "triton", "native", "torch", "reference")
 
 
 def select(impl: str, p: LossProblem) -> Backend:
-    """The backend that serves `p` for the request `impl` (auto | triton | torch | reference)."""
+    """The backend that serves `p` for the request `impl` (auto | triton | native | torch | reference)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto" and os.environ.get(ENV_VAR):

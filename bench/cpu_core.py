@@ -1,8 +1,18 @@
-"""CPU check of the chunked torch path against the naive reference (issue: foundation).
+"""CPU fwd+bwd of the loss: the float64-capable reference, the chunked torch path and the native C++
+kernel, fp32, d = 128 (issue: the native CPU kernel).
 
-Targets: at N = 16384, d = 128, fp32 SupCon the torch path's peak loss memory is at most 1/8 of the
-reference's; at N = 4096 its fwd+bwd time is at most 1.5x the reference's. Rows are appended to
-bench/results/cpu_core.csv. Usage: python bench/cpu_core.py [--sizes 4096 16384] [--modes softmax aligned]
+Targets: native time <= 0.5x the torch path at N = 4096 and 16384 (softmax and aligned); native RSS
+growth <= 64 MiB at N = 16384 with the default allocator.
+
+Time: the impls interleaved in one process, same thread count, median of `--repeats` steps after a
+warm-up round (a change of machine load hits every impl alike). Memory: one step in a fresh process
+per impl, peak resident set (VmHWM) minus the resident set before the step, inputs and the
+gradient buffer already allocated; glibc's default allocator (no MALLOC_* tuning). The load
+average of the machine when the size was measured is recorded with each row.
+
+Usage: python bench/cpu_core.py [--sizes 4096 16384] [--modes softmax aligned]
+       [--reference-max 4096] (the reference needs O(N^2) memory: 11 GB at N = 16384 aligned)
+Rows are appended to bench/results/cpu_core.csv.
 """
 
 import argparse
@@ -14,42 +24,70 @@ import subprocess
 
 import torch
 
-from acl_kernels.demo import measure
+from acl_kernels.demo import _child
 
 OUT = os.path.join(os.path.dirname(__file__), "results", "cpu_core.csv")
+HEADER = ["date", "git_sha", "device", "threads", "torch", "mode", "N", "d", "impl", "time_s", "peak_extra_mib",
+          "time_vs_reference", "memory_vs_reference", "time_vs_torch", "load_avg_1min"]  # fmt: skip
+
+
+def measure(n: int, d: int, mode: str, repeats: int, impls: list[str]) -> dict[str, dict]:
+    """Per impl: {"time_s", "peak_extra_bytes"}, or {"error": message}."""
+    try:
+        times = _child(n, d, mode, "time", repeats, impls, dict(os.environ))
+    except RuntimeError as err:
+        return {impl: {"error": str(err)} for impl in impls}
+    out = {}
+    for impl in impls:
+        try:
+            peak = _child(n, d, mode, "memory", 1, [impl], dict(os.environ))[impl]
+            out[impl] = {"time_s": times[impl], "peak_extra_bytes": peak}
+        except RuntimeError as err:
+            out[impl] = {"error": str(err)}
+    return out
+
+
+def ratio(results: dict, impl: str, base: str, key: str) -> str:
+    a, b = results.get(impl, {}), results.get(base, {})
+    if key not in a or key not in b:
+        return ""
+    return f"{a[key] / max(b[key], 1):.4f}" if key == "peak_extra_bytes" else f"{a[key] / b[key]:.3f}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--modes", nargs="+", default=["softmax"])
+    parser.add_argument("--modes", nargs="+", default=["softmax", "aligned"])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference-max", type=int, default=4096, help="largest N the reference runs at")
     args = parser.parse_args()
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    new = not os.path.exists(OUT)
-    with open(OUT, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(["date", "git_sha", "device", "threads", "torch", "mode", "N", "d", "impl",
-                             "time_s", "peak_extra_mib", "time_vs_reference", "memory_vs_reference"])
-        for mode in args.modes:
-            for n in args.sizes:
-                results = measure(n, args.dim, mode, args.repeats)
-                ref = results["reference"]
+    if os.path.exists(OUT):
+        with open(OUT) as f:
+            assert next(csv.reader(f)) == HEADER, f"{OUT}: unexpected header"
+    else:
+        with open(OUT, "w", newline="") as f:
+            csv.writer(f).writerow(HEADER)
+    for mode in args.modes:
+        for n in args.sizes:
+            impls = (["reference"] if n <= args.reference_max else []) + ["torch", "native"]
+            load = os.getloadavg()[0]
+            results = measure(n, args.dim, mode, args.repeats, impls)
+            with open(OUT, "a", newline="") as f:
+                writer = csv.writer(f)
                 for impl, r in results.items():
                     if "error" in r:
                         print(f"{mode} N={n} {impl}: {r['error']}")
                         continue
-                    t_ratio = m_ratio = ""
-                    if "error" not in ref:
-                        t_ratio = f"{r['time_s'] / ref['time_s']:.3f}"
-                        m_ratio = f"{r['peak_extra_bytes'] / max(ref['peak_extra_bytes'], 1):.4f}"
                     row = [datetime.date.today().isoformat(), sha, platform.processor() or platform.machine(),
                            torch.get_num_threads(), torch.__version__, mode, n, args.dim, impl,
-                           f"{r['time_s']:.4f}", f"{r['peak_extra_bytes'] / 2**20:.1f}", t_ratio, m_ratio]
+                           f"{r['time_s']:.4f}", f"{r['peak_extra_bytes'] / 2**20:.1f}",
+                           ratio(results, impl, "reference", "time_s"),
+                           ratio(results, impl, "reference", "peak_extra_bytes"),
+                           ratio(results, impl, "torch", "time_s"), f"{load:.1f}"]  # fmt: skip
                     writer.writerow(row)
-                    print(", ".join(map(str, row)))
+                    print(", ".join(map(str, row)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -80,3 +81,23 @@ def make_case(rng, n, d, n_classes, *, n_anchor=None, queue=0, centres=False, dt
             kw["log_prior"] = torch.log_softmax(torch.randn(n_classes, generator=rng), 0)
         inputs.append(u)
     return z, y, kw, inputs
+
+
+def require_native() -> None:
+    """Skip without the native kernel, or fail where a C++ compiler exists (the install should
+    then have built it)."""
+    from acl_kernels.dispatch import backends
+
+    missing = backends()["native"].missing
+    if missing and shutil.which(os.environ.get("CXX", "c++")) and not os.environ.get("TRITON_INTERPRET"):
+        pytest.fail(f"a C++ compiler exists but the native kernel is missing: {missing}")
+    if missing:
+        pytest.skip(missing)
+
+
+@pytest.fixture(params=["torch", "native"])
+def cpu_impl(request):
+    """Each fast CPU backend: the chunked torch path and the native C++ kernel (require_native)."""
+    if request.param == "native":
+        require_native()
+    return request.param

@@ -1,4 +1,4 @@
-"""The chunked torch backend against the naive reference: value and every gradient."""
+"""The CPU backends (chunked torch path, native C++ kernel) against the naive reference: value and every gradient."""
 
 import pytest
 import torch
@@ -26,13 +26,13 @@ def as_float64(kw, inputs):
     return inputs64[0], kw64, inputs64
 
 
-def compare(z, y, kw, inputs, rtol, **extra):
-    """torch path vs the float64 reference; the fp32 reference's own error sets the bar where it is larger."""
+def compare(z, y, kw, inputs, rtol, impl="torch", **extra):
+    """`impl` vs the float64 reference; the fp32 reference's own error sets the bar where it is larger."""
     state = torch.random.get_rng_state()
     z64, kw64, inputs64 = as_float64(kw, inputs)
     oracle = run(z64, y, kw64, inputs64, "reference", state, **extra)
     base = run(z, y, kw, inputs, "reference", state, **extra)
-    got = run(z, y, kw, inputs, "torch", state, **extra)
+    got = run(z, y, kw, inputs, impl, state, **extra)
     assert_close_to_oracle(got[0], base[0], oracle[0], rtol, "loss")
     for i, (g, b, o) in enumerate(zip(got[1], base[1], oracle[1])):
         assert_close_to_oracle(g, b, o, rtol, f"grad[{i}]")
@@ -41,37 +41,37 @@ def compare(z, y, kw, inputs, rtol, **extra):
 @pytest.mark.parametrize("mode", ["softmax", "aligned"])
 @pytest.mark.parametrize("n", [1, 3, 127, 255])
 @pytest.mark.parametrize("d", [3, 64, 130])
-def test_sizes(rng, mode, n, d):
+def test_sizes(rng, cpu_impl, mode, n, d):
     z, y, kw, inputs = make_case(rng, n, d, n_classes=7)
-    compare(z, y, kw, inputs, 1e-5, mode=mode, temperature=0.1)
+    compare(z, y, kw, inputs, 1e-5, cpu_impl, mode=mode, temperature=0.1)
 
 
 @pytest.mark.parametrize("mode", ["softmax", "aligned"])
 @pytest.mark.parametrize("queue", [0, 33])
 @pytest.mark.parametrize("centres", [False, True])
 @pytest.mark.parametrize("weighting", ["none", "batch", "prior"])
-def test_blocks_and_weights(rng, mode, queue, centres, weighting):
+def test_blocks_and_weights(rng, cpu_impl, mode, queue, centres, weighting):
     n, c = 90, 11
     z, y, kw, inputs = make_case(rng, n, 24, c, n_anchor=40, queue=queue, centres=centres)
     prior = torch.rand(c, generator=rng) + 0.01
-    compare(z, y, kw, inputs, 1e-5, mode=mode, temperature=0.2, alpha=0.3, beta=1.5, gamma=0.7,
+    compare(z, y, kw, inputs, 1e-5, cpu_impl, mode=mode, temperature=0.2, alpha=0.3, beta=1.5, gamma=0.7,
             supt=0.8, negative_weight=weighting, class_prior=prior, kappa=0.5, base_temperature=0.1)
 
 
 @pytest.mark.parametrize("mode", ["softmax", "aligned"])
 @pytest.mark.parametrize("views", [1, 2, 5, 8])
-def test_views(rng, mode, views):
+def test_views(rng, cpu_impl, mode, views):
     bsz, c = 23, 6
     labels = torch.randint(0, c, (bsz,), generator=rng).repeat(views)
     z, y, kw, inputs = make_case(rng, bsz * views, 32, c, labels=labels, centres=True)
-    compare(z, y, kw, inputs, 1e-5, mode=mode, temperature=0.1)
+    compare(z, y, kw, inputs, 1e-5, cpu_impl, mode=mode, temperature=0.1)
 
 
 @pytest.mark.parametrize("mode", ["softmax", "aligned"])
 @pytest.mark.parametrize(
     "case", ["all_equal", "one_sample_class", "no_positives", "no_positives_with_centres"]
 )
-def test_label_corner_cases(rng, mode, case):
+def test_label_corner_cases(rng, cpu_impl, mode, case):
     n = 40
     if case == "all_equal":
         labels = torch.zeros(n, dtype=torch.long)
@@ -82,13 +82,13 @@ def test_label_corner_cases(rng, mode, case):
         labels = torch.randperm(n, generator=rng)
     z, y, kw, inputs = make_case(rng, n, 16, n, labels=labels, centres=case == "no_positives_with_centres",
                                  queue=0)
-    compare(z, y, kw, inputs, 1e-5, mode=mode, temperature=0.1, negative_weight="batch")
+    compare(z, y, kw, inputs, 1e-5, cpu_impl, mode=mode, temperature=0.1, negative_weight="batch")
 
 
-def test_no_positive_anchor_contributes_zero(rng):
+def test_no_positive_anchor_contributes_zero(rng, cpu_impl):
     labels = torch.arange(6)
     z = unit_rows(6, 8, generator=rng).requires_grad_()
-    for impl in ["reference", "torch"]:
+    for impl in ["reference", cpu_impl]:
         losses = contrastive_loss(z, labels, impl=impl, reduction="none")
         assert torch.equal(losses, torch.zeros(6))
         (g,) = torch.autograd.grad(contrastive_loss(z, labels, impl=impl), [z])
@@ -96,15 +96,15 @@ def test_no_positive_anchor_contributes_zero(rng):
 
 
 @pytest.mark.parametrize("mode", ["softmax", "aligned"])
-def test_small_temperature(rng, mode):
-    """tau = 0.01 puts logits at +-100: the fp32 torch path must still match the fp64 oracle."""
+def test_small_temperature(rng, cpu_impl, mode):
+    """tau = 0.01 puts logits at +-100: the fp32 CPU backends must still match the fp64 oracle."""
     z, y, kw, inputs = make_case(rng, 64, 16, 4, centres=True)
     state = torch.random.get_rng_state()
     z64 = z.detach().double().requires_grad_()
     u64 = kw["centre_logits"].detach().double().requires_grad_()
     kw64 = dict(kw, centre_logits=u64)
     ref = run(z64, y, kw64, [z64, u64], "reference", state, mode=mode, temperature=0.01)
-    got = run(z, y, kw, inputs, "torch", state, mode=mode, temperature=0.01)
+    got = run(z, y, kw, inputs, cpu_impl, state, mode=mode, temperature=0.01)
     assert_close(got[0], ref[0], 1e-4, "loss")
     for g, r in zip(got[1], ref[1]):
         assert_close(g, r, 1e-4, "grad")
@@ -112,13 +112,13 @@ def test_small_temperature(rng, mode):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["softmax", "aligned"])
-def test_half_inputs(rng, dtype, mode):
+def test_half_inputs(rng, cpu_impl, dtype, mode):
     """Half inputs are accumulated in fp32: within 2e-2 of the fp64 oracle on the same (rounded) data."""
     z, y, kw, inputs = make_case(rng, 96, 32, 5, dtype=dtype)
     state = torch.random.get_rng_state()
     z64 = z.detach().double().requires_grad_()
     ref = run(z64, y, kw, [z64], "reference", state, mode=mode, temperature=0.1)
-    got = run(z, y, kw, inputs, "torch", state, mode=mode, temperature=0.1)
+    got = run(z, y, kw, inputs, cpu_impl, state, mode=mode, temperature=0.1)
     assert got[1][0].dtype == dtype
     assert_close(got[0], ref[0], 2e-2, "loss")
     assert_close(got[1][0], ref[1][0], 2e-2, "grad")
@@ -157,13 +157,13 @@ def test_env_var_forces_backend(rng, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["softmax", "aligned"])
-def test_torch_compile_fullgraph(rng, mode):
+def test_torch_compile_fullgraph(rng, cpu_impl, mode):
     """A compiled training step keeps the loss in one graph (value checks are skipped under compile)."""
     z, y, kw, inputs = make_case(rng, 48, 8, 4, centres=True)
     kw.update(negative_weight="prior", class_prior=torch.rand(4, generator=rng) + 0.1)
 
     def loss(z, u):
-        return contrastive_loss(z, y, mode=mode, impl="torch", **dict(kw, centre_logits=u))
+        return contrastive_loss(z, y, mode=mode, impl=cpu_impl, **dict(kw, centre_logits=u))
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     got = compiled(*inputs)

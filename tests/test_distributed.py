@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from conftest import assert_close, unit_rows
 
 from acl_kernels import ACLLoss, GPaCoLoss, PaCoLoss, SupConLoss, contrastive_loss
+from acl_kernels.dispatch import backends
 from acl_kernels.functional import GROUP_SETTINGS
 
 RTOL = 1e-5
-IMPLS = ("torch", "reference")
+# the native kernel when this install has it (tests/test_core.py fails an install that should have it)
+NATIVE = () if backends()["native"].missing else ("native",)
+IMPLS = ("torch", "reference", *NATIVE)
 
 
 def slices(sizes):
@@ -301,20 +304,21 @@ class CountingCollectives:
 
 
 def check_volume(rank, world, seed, sizes):
-    """impl='torch' sends O(N d + N) bytes: the formula of acl_kernels.distributed, exactly."""
+    """impl='torch' (and 'native') sends O(N d + N) bytes: the formula of acl_kernels.distributed, exactly."""
     gen = torch.Generator().manual_seed(seed)
     c, d, views = 5, 24, 2
     b = sizes[rank]
     feats = unit_rows(b, views, d, generator=gen).requires_grad_()
     sup = torch.randn(b, views, c, generator=gen).requires_grad_()
     labels = torch.randint(0, c, (b,), generator=gen)
-    with CountingCollectives() as count:
-        ACLLoss(c, impl="torch", process_group=dist.group.WORLD)(feats, labels, sup).backward()
     n_hat, a_hat = views * max(sizes), views * max(sizes)  # every row is an anchor
     s = c_bytes = 4  # fp32 features and statistics
     fields = 5 + len(GROUP_SETTINGS)
     expected = world * (8 * fields + n_hat * (d * s + 4) + 5 * a_hat * c_bytes) + world * a_hat * c_bytes
-    assert count.bytes == {"all_gather": expected}, (count.bytes, expected)
+    for impl in ("torch", *NATIVE):
+        with CountingCollectives() as count:
+            ACLLoss(c, impl=impl, process_group=dist.group.WORLD)(feats, labels, sup).backward()
+        assert count.bytes == {"all_gather": expected}, (impl, count.bytes, expected)
 
 
 # ---------------------------------------------------------------- launch

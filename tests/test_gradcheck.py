@@ -1,4 +1,4 @@
-"""torch.autograd.gradcheck of both backends in float64 at tiny sizes, every mode and block."""
+"""torch.autograd.gradcheck of the CPU backends in float64 at tiny sizes, every mode and block."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from conftest import unit_rows
 from acl_kernels import contrastive_loss
 
 
-@pytest.mark.parametrize("impl", ["reference", "torch"])
+@pytest.mark.parametrize("impl", ["reference", "torch", "native"])
 @pytest.mark.parametrize("mode", ["softmax", "aligned"])
 @pytest.mark.parametrize("blocks", ["samples", "queue", "centres", "all"])
 @pytest.mark.parametrize("weighting", ["none", "batch", "prior"])
@@ -45,7 +45,7 @@ def test_gradcheck_label_smoothing(rng):
     z = unit_rows(6, 3, dtype=torch.float64, generator=rng).requires_grad_()
     u = torch.randn(6, 4, dtype=torch.float64, generator=rng).requires_grad_()
     y = torch.randint(0, 4, (6,), generator=rng)
-    for impl in ["reference", "torch"]:
+    for impl in ["reference", "torch", "native"]:
         assert torch.autograd.gradcheck(
             lambda a, b, impl=impl: contrastive_loss(a, y, centre_logits=b, smooth=0.2, impl=impl, temperature=0.5),
             (z, u),

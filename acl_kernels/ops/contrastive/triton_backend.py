@@ -21,6 +21,7 @@ import triton
 from torch import Tensor
 
 from . import triton_kernels as K
+from .op import contrastive_bwd, contrastive_fwd, register_kernels
 from .problem import LossProblem
 
 # True when the kernels were built by the interpreter (decided when triton_kernels was imported).
@@ -398,101 +399,9 @@ def bwd(
     return dz, dq, du
 
 
-# ---- torch.library registration ---------------------------------------------------------------
+# ---- the op's kernels for this device (schemas, fakes, autograd: op.py) --------------------------
 
-
-@torch.library.custom_op("acl_kernels::contrastive_fwd", mutates_args=())
-def contrastive_fwd(
-    z: Tensor,
-    labels: Tensor,
-    queue: Tensor | None,
-    centre_logits: Tensor | None,
-    log_prior: Tensor | None,
-    w_same: Tensor,
-    w_other: Tensor,
-    n_anchor: int,
-    aligned: bool,
-    temperature: float,
-    alpha: float,
-    beta: float,
-    supt: float,
-    smooth: float,
-) -> tuple[Tensor, Tensor]:
-    """Fused forward: ([n_anchor] fp32 per-anchor losses, [n_anchor, 4] fp32 row statistics)."""
-    return fwd(z, labels, queue, centre_logits, log_prior, w_same, w_other, n_anchor, aligned,
-               temperature, alpha, beta, supt, smooth)  # fmt: skip
-
-
-@contrastive_fwd.register_fake
-def _(z, labels, queue, centre_logits, log_prior, w_same, w_other, n_anchor, aligned, temperature, alpha,
-      beta, supt, smooth):  # fmt: skip
-    return z.new_empty((n_anchor,), dtype=torch.float32), z.new_empty((n_anchor, 4), dtype=torch.float32)
-
-
-@torch.library.custom_op("acl_kernels::contrastive_bwd", mutates_args=())
-def contrastive_bwd(
-    grad_loss: Tensor,
-    stats: Tensor,
-    z: Tensor,
-    labels: Tensor,
-    queue: Tensor | None,
-    centre_logits: Tensor | None,
-    log_prior: Tensor | None,
-    w_same: Tensor,
-    w_other: Tensor,
-    n_anchor: int,
-    aligned: bool,
-    temperature: float,
-    alpha: float,
-    beta: float,
-    supt: float,
-    smooth: float,
-    need_z: bool,
-    need_queue: bool,
-    need_centres: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused backward: (dz, dqueue, dcentre_logits); an input that needs no gradient gets an empty tensor."""
-    dz, dq, du = bwd(grad_loss, stats, z, labels, queue, centre_logits, log_prior, w_same, w_other, n_anchor,
-                     aligned, temperature, alpha, beta, supt, smooth, need_z, need_queue, need_centres)  # fmt: skip
-    none = z.new_empty((0,))
-    return (dz if dz is not None else none, dq if dq is not None else none.clone(),
-            du if du is not None else none.clone())  # fmt: skip
-
-
-@contrastive_bwd.register_fake
-def _(grad_loss, stats, z, labels, queue, centre_logits, log_prior, w_same, w_other, n_anchor, aligned,
-      temperature, alpha, beta, supt, smooth, need_z, need_queue, need_centres):  # fmt: skip
-    # contiguous like the real outputs (empty_like would copy the strides of a non-contiguous input)
-    dz = z.new_empty(z.shape) if need_z else z.new_empty((0,))
-    dq = z.new_empty(queue.shape) if need_queue else z.new_empty((0,))
-    du = centre_logits.new_empty(centre_logits.shape) if need_centres else z.new_empty((0,))
-    return dz, dq, du
-
-
-_FWD_ARGS = ("z", "labels", "queue", "centre_logits", "log_prior", "w_same", "w_other", "n_anchor", "aligned",
-             "temperature", "alpha", "beta", "supt", "smooth")  # fmt: skip
-
-
-def _setup_context(ctx, inputs, output):
-    args = dict(zip(_FWD_ARGS, inputs))
-    _, stats = output
-    ctx.save_for_backward(stats, args["z"], args["labels"], args["queue"], args["centre_logits"],
-                          args["log_prior"], args["w_same"], args["w_other"])  # fmt: skip
-    ctx.scalars = tuple(args[k] for k in _FWD_ARGS[7:])
-
-
-def _backward(ctx, grad_loss, grad_stats):
-    stats, z, labels, queue, centre_logits, log_prior, w_same, w_other = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_z, need_q, need_u = need[0], need[2] and queue is not None, need[3] and centre_logits is not None
-    if not (need_z or need_q or need_u):
-        return (None,) * len(_FWD_ARGS)
-    dz, dq, du = contrastive_bwd(grad_loss, stats, z, labels, queue, centre_logits, log_prior, w_same,
-                                 w_other, *ctx.scalars, need_z, need_q, need_u)  # fmt: skip
-    return (dz if need_z else None, None, dq if need_q else None, du if need_u else None) + (None,) * 10
-
-
-torch.library.register_autograd("acl_kernels::contrastive_fwd", _backward, setup_context=_setup_context)
+register_kernels("CPU" if INTERPRET else "CUDA", fwd, bwd)
 
 
 # ---- dispatcher hooks ---------------------------------------------------------------------------
