@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -80,3 +82,19 @@ def make_case(rng, n, d, n_classes, *, n_anchor=None, queue=0, centres=False, dt
             kw["log_prior"] = torch.log_softmax(torch.randn(n_classes, generator=rng), 0)
         inputs.append(u)
     return z, y, kw, inputs
+
+
+@pytest.fixture(scope="session")
+def kernel_cost():
+    """bench/kernel_cost.py as a module (the static cost report and its sm_90 compiler); skips where
+    this process interprets the Triton kernels (they must be compiled in a process without
+    TRITON_INTERPRET)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels are interpreted in this process; compile them in one without TRITON_INTERPRET")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "kernel_cost.py")
+    spec = importlib.util.spec_from_file_location("kernel_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernel_cost"] = module  # its process pool's workers find their function by name
+    spec.loader.exec_module(module)
+    return module

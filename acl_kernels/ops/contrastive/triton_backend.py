@@ -639,16 +639,10 @@ def specialisations(dtypes=("bf16", "fp16", "tf32"), dims=(128, 512), modes=("so
 
 
 def compile_set():
-    """What the sm90 compile test builds: every data type, width class, mode and centre block with
-    the default tiles; every autotune config (bf16); d without the divisibility hint (bf16)."""
-    yield from specialisations(dtypes=("bf16", "fp16", "fp32", "tf32"), dims=(128, 256, 512))
-    for d in (128, 256, 512):
-        for width_specs in (specialisations(("bf16",), (d,), centres=(False,), all_tiles=True),):
-            for spec in width_specs:
-                default = spec.info["block_m"], spec.info["block_n"]
-                table = FWD_TILES if spec.info["kernel"] == "fwd" else BWD_TILES
-                if default != table[width_class(feature_block(d))][0][:2]:
-                    yield spec
+    """What the sm90 compile test builds: every tile config the launchers can select (each autotune
+    config of each width class) for every data type and mode, each forward with and without the
+    centre block; the centre kernels; and d without the divisibility hint (bf16, default tiles)."""
+    yield from specialisations(dtypes=tuple(DTYPE_NAMES), dims=(128, 256, 512), all_tiles=True)
     yield from specialisations(("bf16",), (100,), centres=(False,), d_hint=(False,))
 
 
