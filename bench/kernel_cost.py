@@ -246,7 +246,7 @@ def _before_specs(dtypes, dims, modes, centres):
             if True not in centres or consts["HAS_PRIOR"]:
                 continue
             block = (consts["BLOCK_M"], consts["BLOCK_C"])
-            loops = [{"label": "centres", "elements_per_iteration": block[0] * block[1], "fraction": "centres"}]
+            loops = [{"label": "centres", "elements_per_iteration": block[0] * block[1], "fraction": 1.0}]
             info = {"kernel": kind, "mode": mode, "dtype": name, "d": None, "centres": True, "block_m": block[0],
                     "block_n": block[1], "grid_multiplicity": 1, "similarity_passes": 0.0,
                     "gemm": (0.0, 0.0), "loops": loops if kind == "centre_fwd" else []}  # fmt: skip
@@ -303,8 +303,8 @@ def gemm_pass_ms(n: int, d: int, dtype: str) -> float:
     return 2.0 * n * n * d / (TENSOR_PEAK_TFLOPS[dtype] * TENSOR_EFFICIENCY * 1e12) * 1e3
 
 
-def _fraction(value, band_fraction: float, centre_fraction: float) -> float:
-    named = {"band": band_fraction, "off-band": 1.0 - band_fraction, "centres": centre_fraction}
+def _fraction(value, band_fraction: float) -> float:
+    named = {"band": band_fraction, "off-band": 1.0 - band_fraction}
     return named[value] if isinstance(value, str) else float(value)
 
 
@@ -313,7 +313,7 @@ def kernel_rows(spec, res: Compiled, n: int, band_fraction: float, classes: int)
     info = spec.info
     threads = res.num_warps * 32
     loops_info = info["loops"] or [
-        {"label": "whole kernel", "elements_per_iteration": info["block_m"] * info["block_n"], "fraction": "centres"}
+        {"label": "whole kernel", "elements_per_iteration": info["block_m"] * info["block_n"], "fraction": 1.0}
     ]
     found = sass_loops(res.sass)
     if info["loops"] and len(found) != len(loops_info):
@@ -324,11 +324,14 @@ def kernel_rows(spec, res: Compiled, n: int, band_fraction: float, classes: int)
     gemm = info.get("gemm") or (tb.gemm_passes(info["kernel"], info["mode"], d, band_fraction) if d else (0.0, 0.0))
     pass_ms = gemm_pass_ms(n, d, info["dtype"]) if d else 0.0
     multiplicity = info["grid_multiplicity"]
-    fractions = [_fraction(lp["fraction"], band_fraction, classes / n) for lp in loops_info]
+    # the centre kernels sweep an N x C matrix: their share of the N x N element pairs is C / N
+    scale = 1.0 if d else classes / n
+    fractions = [_fraction(lp["fraction"], band_fraction) * scale for lp in loops_info]
     # every program recomputes the similarity of the pairs it visits; the gradient product's
     # passes are spread over the loops like the pairs
     grad_passes = gemm[1] / sum(fractions) if gemm[1] else 0.0
-    base = {"kernel": info["kernel"], "mode": info["mode"], "dtype": info["dtype"], "d": d if d else "",
+    kernel = info["kernel"] + (" prior" if spec.constexprs.get("HAS_PRIOR") else "")
+    base = {"kernel": kernel, "mode": info["mode"], "dtype": info["dtype"], "d": d if d else "",
             "centres": info["centres"], "block_m": info["block_m"], "block_n": info["block_n"],
             "num_warps": res.num_warps, "num_stages": res.num_stages, "registers": res.registers,
             "spill_bytes": res.spill_bytes, "shared_bytes": res.shared_bytes, "wgmma": res.wgmma, "n": n,
@@ -338,7 +341,7 @@ def kernel_rows(spec, res: Compiled, n: int, band_fraction: float, classes: int)
         if info["loops"]:
             instr, mufu = loop_dynamic(found[i], lp.get("inner_trips", 1))
         else:  # no loop: the whole kernel runs once per tile
-            ops = [m.group(3) for m in _INSTR.finditer(res.sass)]
+            ops = [m.group(3) for m in _INSTR.finditer(res.sass) if m.group(3) != "NOP"]
             instr, mufu = float(len(ops)), float(sum(op.startswith("MUFU") for op in ops))
         sim = float(multiplicity) if d else 0.0
         row = dict(base, loop=lp["label"], fraction=frac, similarity_passes=sim, gemm_passes=sim + grad_passes,
@@ -361,7 +364,8 @@ def kernel_rows(spec, res: Compiled, n: int, band_fraction: float, classes: int)
 
 def step_rows(totals: list[dict]) -> list[dict]:
     """fwd+bwd per (mode, dtype, d, centres): the sample kernels' totals (default tiles), plus the
-    centre kernels' when centres are on."""
+    first compiled centre forward and backward of that mode and data type when centres are on
+    (without the prior; tf32 has none: its centre kernels are fp32's)."""
     out = []
     for fwd in (r for r in totals if r["kernel"] == "fwd"):
         key = (fwd["mode"], fwd["dtype"])
@@ -370,7 +374,8 @@ def step_rows(totals: list[dict]) -> list[dict]:
             continue
         parts = [fwd, bwd[0]]
         if fwd["centres"]:
-            parts += [r for r in totals if r["kernel"].startswith("centre") and (r["mode"], r["dtype"]) == key]
+            for kind in ("centre_fwd", "centre_bwd"):
+                parts += [r for r in totals if (r["kernel"], r["mode"], r["dtype"]) == (kind,) + key][:1]
         row = {k: "" for k in FIELDS} | {k: fwd[k] for k in ("mode", "dtype", "d", "centres", "n", "band_fraction")}
         row |= {"kernel": "fwd+bwd", "loop": "total"}
         for k in ("sass_per_element", "mufu_per_element", "similarity_passes", "gemm_passes", "issue_ms",
