@@ -7,9 +7,13 @@ C = 1000 centres), ACL (aligned, all anchors, C = 1000 centres, batch-weighted n
 
 GPU: triton.testing.do_bench median with 20th/80th percentiles, peak memory from
 torch.cuda.max_memory_allocated beyond the inputs (and beyond the gradients: `extra_mib`).
-CPU: a plain timer loop, a small sweep so anyone can try it. TFLOP/s counts the similarity GEMMs,
-3 passes of 2 * n_anchor * M * d (M = N + K), next to each time; `vs_reference` / `vs_torch` are time
-ratios within the same run. Rows are appended to bench/results/loss.csv.
+CPU: a plain timer loop, a small sweep so anyone can try it. TFLOP/s counts the similarity-sized GEMM
+passes of 2 * n_anchor * M * d (M = N + K) the fused kernels really run for this mode and d
+(triton_backend.similarity_flops, the accounting of bench/kernel_cost.py: forward 1 similarity
+pass, plus the aligned sweep's band share; backward 1 recompute per 256-wide chunk of d plus the
+gradient product), the same count for every implementation so the column compares like with like;
+`vs_reference` / `vs_torch` are time ratios within the same run. Rows are appended to
+bench/results/loss.csv.
 
     python bench/bench_loss.py                      # default sweep for the device found
     python bench/bench_loss.py --sizes 4096 16384 --losses supcon --dtypes bf16 --impls torch triton
@@ -28,6 +32,7 @@ import time
 import torch
 
 from acl_kernels import contrastive_loss
+from acl_kernels.ops.contrastive.triton_backend import similarity_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CSV = os.path.join(HERE, "results", "loss.csv")
@@ -131,7 +136,8 @@ def measure(impl, loss, n, d, views, dtype, dev, repeats) -> dict:
         out["median_ms"], out["p20_ms"], out["p80_ms"] = time_cpu(step, repeats)
     n_anchor = kw.get("n_anchor", n)
     m = n + (kw["queue"].shape[0] if "queue" in kw else 0)
-    out["tflops"] = 3 * 2.0 * n_anchor * m * d / (out["median_ms"] * 1e-3) / 1e12
+    flops = similarity_flops(n_anchor, m, d, kw.get("mode", "softmax"))
+    out["tflops"] = flops / (out["median_ms"] * 1e-3) / 1e12
     return out
 
 

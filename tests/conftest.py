@@ -1,5 +1,7 @@
+import importlib.util
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -101,3 +103,19 @@ def cpu_impl(request):
     if request.param == "native":
         require_native()
     return request.param
+
+
+@pytest.fixture(scope="session")
+def kernel_cost():
+    """bench/kernel_cost.py as a module (the static cost report and its sm_90 compiler); skips where
+    this process interprets the Triton kernels (they must be compiled in a process without
+    TRITON_INTERPRET)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels are interpreted in this process; compile them in one without TRITON_INTERPRET")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "kernel_cost.py")
+    spec = importlib.util.spec_from_file_location("kernel_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernel_cost"] = module  # its process pool's workers find their function by name
+    spec.loader.exec_module(module)
+    return module
