@@ -110,8 +110,8 @@ HELP = {
     "val_split": "split file of the validation set: it selects the epoch whose weights are kept (best.pt)",
     "test_split": "split file of the held-out test set, evaluated once with the selected weights; "
     "MNIST-LT has its own (val.txt / test.txt)",
-    "freeze": "backbone parameters kept fixed: '' (none) or 'all_but_last_block' (only the last residual "
-    "block, the classifier and the head train, as the Places-LT recipe)",
+    "freeze": "'' (train everything) or 'all_but_last_block': the convolutions of a ResNet outside its last "
+    "residual block keep their (pretrained) weights, as the official Places-LT recipe",
 }
 
 

@@ -20,7 +20,7 @@ from . import config as config_mod
 from .data import _mix_seed, make_loader
 from .datasets import check_shards, class_counts, prepare
 from .metrics import accuracy_report
-from .models import Model
+from .models import Model, freeze
 from .objective import PROJECTING, Objective, _unwrap
 
 CHECKPOINT = "checkpoint.pt"
@@ -267,6 +267,8 @@ def train(cfg: dict) -> dict:
     model = Model(
         cfg["arch"], num_classes, cfg["head"], cfg["proj_dim"] if cfg["loss"] in PROJECTING else 0, cfg["pretrained"]
     ).to(device)
+    if cfg["freeze"]:
+        freeze(model.backbone, cfg["freeze"])
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg["tf32"])
         torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])

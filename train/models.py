@@ -111,6 +111,21 @@ def load_pretrained(net: nn.Module, path: str) -> None:
         print(f"pretrained checkpoint {p}: ignored {len(unexpected)} keys, e.g. {unexpected[:3]}")
 
 
+def freeze(backbone: nn.Module, mode: str) -> None:
+    """mode "all_but_last_block" (the official Places-LT fine-tuning): every convolution of a torchvision
+    ResNet outside its last residual block (layer4[-1]) keeps its weights; BatchNorm, that block, the
+    classifier and the head still train."""
+    if mode != "all_but_last_block":
+        raise ValueError(f"freeze must be '' or 'all_but_last_block', got {mode!r}")
+    if not hasattr(backbone, "layer4"):
+        raise ValueError("freeze=all_but_last_block needs a torchvision ResNet backbone (resnet50 / resnet152 / ...)")
+    trained = {id(m) for m in backbone.layer4[-1].modules()}
+    for m in backbone.modules():
+        if isinstance(m, nn.Conv2d) and id(m) not in trained:
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+
 def projection_head(kind: str, dim: int, out: int) -> nn.Module:
     if kind == "mlp_bn":  # PaCo
         return nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, out))

@@ -1,6 +1,6 @@
 """The MNIST-LT study: every loss, V = 2 / 4 / 8 views, several seeds, selection on the validation split.
 
-    python -m train.study [--epochs 10] [--seeds 0,1,2] [--views 2,4,8] [--jobs 2]
+    python -m train.study [--epochs 15] [--seeds 0,1,2] [--views 2,4,8] [--jobs 2]
     python -m train.study --report-only        # table and plot from what study.csv holds
 
 1. Search: for every loss the same number of candidate settings (SEARCH), trained at V = 2 with
@@ -36,13 +36,13 @@ LOSSES = ("ce", "la", "supcon", "paco", "gpaco", "acl")
 
 # the settings every study run shares, on top of the shipped MNIST-LT config
 BASE = {
-    "epochs": 10,
+    "epochs": 15,
     "batch_size": 128,
     "lr": 0.1,
     "warmup_epochs": 1,
     "queue_size": 0,
-    # the study's runs last 60 steps: with the ImageNet momentum 0.999 PaCo's key encoder would stay
-    # 94% its random initialisation, so the keys follow the model faster
+    # the study's runs last 90 steps: with the ImageNet momentum 0.999 PaCo's key encoder would stay
+    # 91% its random initialisation, so the keys follow the model faster
     "moco_momentum": 0.9,
     "data_loader": "dali",
     "workers": 1,
