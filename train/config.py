@@ -220,6 +220,8 @@ def check(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"n_views must be >= 1, got {cfg['n_views']}")
     if cfg["loss"] in ("paco", "supcon", "gpaco") and cfg["n_views"] < 2:
         raise ConfigError(f"loss={cfg['loss']} needs n_views >= 2, got {cfg['n_views']}")
+    if not 0 <= cfg["randaug_m"] <= 10:
+        raise ConfigError(f"randaug_m must be in [0, 10] (timm's RandAugment magnitude scale), got {cfg['randaug_m']}")
     if not cfg["views"]:
         raise ConfigError("views must list at least one augmentation recipe")
     if cfg["batch_size"] < 1 or cfg["epochs"] < 1:
