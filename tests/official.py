@@ -77,7 +77,8 @@ def paco(
 def aligned(
     features, labels, sup_logits=None, *, temperature, alpha, beta, gamma, supt=1.0, log_prior=None, class_weight=None
 ):
-    """DESIGN.md §1.2 written out term by term, one anchor and one positive at a time (slow; tiny inputs).
+    """The aligned loss of acl_kernels/ops/contrastive/README.md (mode `aligned`) written out term by
+    term, one anchor and one positive at a time (slow; tiny inputs).
 
     features [N, d] (all rows are anchors), sup_logits [N, C] or None, class_weight(c, anchor_label)
     -> negative weight w of a sample of class c (None: 1).
