@@ -337,6 +337,7 @@ def train(cfg: dict) -> dict:
             f"loss={cfg['loss']}, data_loader={cfg['data_loader']}, output {out}"
         )
     report: dict = {}
+    done = start_epoch  # epochs completed
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             skip = start_step if epoch == start_epoch else 0
@@ -420,6 +421,7 @@ def train(cfg: dict) -> dict:
                     flush=True,
                 )
             checkpoint(epoch + 1, 0)
+            done = epoch + 1
             if cfg["stop_at_epoch"] and epoch + 1 == cfg["stop_at_epoch"] and epoch + 1 < cfg["epochs"]:
                 if main:
                     print(f"stop_at_epoch={epoch + 1}: stopping; continue with --resume auto")
@@ -431,7 +433,7 @@ def train(cfg: dict) -> dict:
         plot_curves(out)
     if report:
         report["best_top1"], report["best_epoch"] = best, best_epoch
-        if test_split is not None:  # the selected epoch's weights on the held-out test split, once
+        if test_split is not None and done == cfg["epochs"]:  # the selected weights on the test split, once
             barrier()
             model.load_state_dict(torch.load(out / BEST, map_location=device, weights_only=True))
             test = evaluate(net, cfg, test_split, num_classes, counts, rank, world, device, autocast)
