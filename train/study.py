@@ -95,7 +95,7 @@ def run_config(loss: str, settings: dict, n_views: int, seed: int, epochs: int, 
 
 
 def _tag(settings: dict) -> str:
-    return "_".join(f"{k}{v:g}" for k, v in sorted(settings.items()))
+    return "_".join(f"{k}{v:g}" if isinstance(v, float | int) else f"{k}{v}" for k, v in sorted(settings.items()))
 
 
 def one_run(job: dict) -> dict:
@@ -183,10 +183,10 @@ def _spawn():
     return multiprocessing.get_context("spawn")
 
 
-def chosen_settings(rows: list[dict], loss: str, epochs: int) -> dict | None:
-    """The search candidate of `loss` with the best validation top-1 (None until all candidates ran)."""
-    cands = [r for r in rows if r["loss"] == loss and r["phase"] == "search" and int(r["epochs"]) == epochs]
-    if len(cands) < len(SEARCH[loss]):
+def chosen_settings(rows: list[dict], loss: str, epochs: int, phases=("search",), n_needed: int = 0) -> dict | None:
+    """The candidate of `loss` run in `phases` with the best validation top-1 (None until n_needed ran)."""
+    cands = [r for r in rows if r["loss"] == loss and r["phase"] in phases and int(r["epochs"]) == epochs]
+    if not cands or len(cands) < n_needed:
         return None
     best = max(cands, key=lambda r: float(r["val_top1"]))
     return json.loads(best["settings"])
@@ -198,13 +198,27 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def grid_cells(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
-    """(loss, V) -> the grid runs of that cell (the chosen settings at every seed)."""
+def grid_phases(rows: list[dict]) -> list[str]:
+    """ "grid" (the equal-budget study) first, then the grids of extra searches (--extra NAME)."""
+    names = {r["phase"] for r in rows if not r["phase"].endswith("search")}
+    return sorted(names, key=lambda n: (n != "grid", n))
+
+
+def grid_cells(rows: list[dict], phase: str = "grid") -> dict[tuple[str, int], list[dict]]:
+    """(loss, V) -> the runs of that cell of a grid phase (the chosen settings at every seed)."""
     cells: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
-        if r["phase"] == "grid":
+        if r["phase"] == phase:
             cells.setdefault((r["loss"], int(r["n_views"])), []).append(r)
     return cells
+
+
+def best_cell(rows: list[dict], loss: str) -> tuple[int, list[dict]] | None:
+    """Over every grid phase, the (V, runs) of `loss` with the best mean validation top-1."""
+    options = [c for c in (chosen_cell(grid_cells(rows, ph), loss) for ph in grid_phases(rows)) if c]
+    if not options:
+        return None
+    return max(options, key=lambda o: _stats([float(r["val_top1"]) for r in o[1]])[0])
 
 
 def chosen_cell(cells: dict, loss: str) -> tuple[int, list[dict]] | None:
@@ -244,19 +258,28 @@ def write_report(rows: list[dict], out: Path) -> None:
         "",
         "## Each loss at its validated number of views (the configs `train/configs/mnist_lt_<loss>.yaml`)",
         "",
-        "| loss | V | seeds | val top-1 | All | Many | Medium | Few |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loss | V | seeds | grid, settings | val top-1 | All | Many | Medium | Few |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for loss in LOSSES:
-        chosen = chosen_cell(cells, loss)
+        chosen = best_cell(rows, loss)
         if chosen:
             v, rs = chosen
-            lines.append(f"| {loss} | {v} | {','.join(sorted(r['seed'] for r in rs))} | {_cell_columns(rs)} |")
-    search = [r for r in rows if r["phase"] == "search"]
+            seeds = ",".join(sorted(r["seed"] for r in rs))
+            lines.append(f"| {loss} | {v} | {seeds} | {rs[0]['phase']} `{rs[0]['settings']}` | {_cell_columns(rs)} |")
+    for phase in grid_phases(rows)[1:]:
+        lines += ["", f"## Extra search `{phase}` (not equal-budget): its grid", "", *lines[5:7]]
+        extra = grid_cells(rows, phase)
+        for (loss, v), rs in sorted(extra.items()):
+            seeds = ",".join(sorted({r["seed"] for r in rs}))
+            lines.append(f"| {loss} | {v} | {seeds} | `{rs[0]['settings']}` | {_cell_columns(rs)} |")
+    search = [r for r in rows if r["phase"].endswith("search")]
     if search:
-        lines += ["", "## Search (V = 2, seed 0): validation top-1 of every candidate", ""]
-        lines += ["| loss | settings | val top-1 | val Few |", "|---|---|---|---|"]
-        lines += [f"| {r['loss']} | `{r['settings']}` | {r['val_top1']} | {r['val_few']} |" for r in search]
+        lines += ["", "## Searches (V = 2, seed 0): validation top-1 of every candidate", ""]
+        lines += ["| phase | loss | settings | val top-1 | val Few |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {r['phase']} | {r['loss']} | `{r['settings']}` | {r['val_top1']} | {r['val_few']} |" for r in search
+        ]
     (out / "study.md").write_text("\n".join(lines) + "\n")
     plot(cells, out / "study.png")
 
@@ -292,9 +315,8 @@ def plot(cells: dict, path: Path) -> None:
 
 def save_configs(rows: list[dict], folder: Path) -> None:
     """For every loss with a full column of grid runs, the V with the best mean validation top-1 as a config."""
-    cells = grid_cells(rows)
     for loss in LOSSES:
-        chosen = chosen_cell(cells, loss)
+        chosen = best_cell(rows, loss)
         if chosen is None:
             continue
         v, rs = chosen
@@ -322,6 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="runs/study", help="folder of the runs' checkpoints and logs")
     p.add_argument("--configs", default=str(config_mod.CONFIG_DIR), help="folder of the chosen mnist_lt_<loss>.yaml")
     p.add_argument("--cache-dir", default=config_mod.DEFAULTS["cache_dir"], help="MNIST-LT cache")
+    p.add_argument(
+        "--extra",
+        default="",
+        help="name of an extra search beyond the equal-budget one (with --candidates): its runs are the phases "
+        "NAME-search and NAME, reported apart; the best of all candidates of a loss goes on to the grid",
+    )
+    p.add_argument("--candidates", default="", help="JSON file {loss: [settings, ...]} of the extra search")
     p.add_argument("--report-only", action="store_true", help="only rewrite study.md / study.png and the configs")
     args = p.parse_args(argv)
     losses = [x for x in args.losses.split(",") if x]
@@ -351,19 +380,33 @@ def main(argv: list[str] | None = None) -> int:
             )
             return {"phase": phase, "run": run}
 
-        run_jobs([job("search", lo, s, 2, seeds[0]) for lo in losses for s in SEARCH[lo]], rows, csv_path, args.jobs)
+        if bool(args.extra) != bool(args.candidates):
+            p.error("--extra and --candidates go together")
+        search_phase, grid_phase = (f"{args.extra}-search", args.extra) if args.extra else ("search", "grid")
+        candidates = json.loads(Path(args.candidates).read_text()) if args.candidates else SEARCH
+        pool = ("search", search_phase)  # an extra search competes with the equal-budget candidates
+
+        def chosen(loss):
+            return chosen_settings(rows, loss, args.epochs, pool, len(candidates.get(loss, [])))
+
+        run_jobs(
+            [job(search_phase, lo, s, 2, seeds[0]) for lo in losses for s in candidates.get(lo, [])],
+            rows,
+            csv_path,
+            args.jobs,
+        )
         for r in rows:  # the winning search run is the grid's (V = 2, first seed) run
-            if r["phase"] == "search" and chosen_settings(rows, r["loss"], args.epochs) == json.loads(r["settings"]):
-                if not any(_key(g) == _key({**r, "phase": "grid"}) for g in rows):
-                    grid_row = {**r, "phase": "grid"}
+            if r["phase"] in pool and r["loss"] in losses and chosen(r["loss"]) == json.loads(r["settings"]):
+                if not any(_key(g) == _key({**r, "phase": grid_phase}) for g in rows):
+                    grid_row = {**r, "phase": grid_phase}
                     append_row(csv_path, grid_row)
                     rows.append(grid_row)
         grid = [
-            job("grid", lo, chosen_settings(rows, lo, args.epochs), v, s)
+            job(grid_phase, lo, chosen(lo), v, s)
             for s in seeds
             for v in views
             for lo in losses
-            if chosen_settings(rows, lo, args.epochs) is not None
+            if chosen(lo) is not None
         ]
         run_jobs(grid, rows, csv_path, args.jobs)
         rows = read_rows(csv_path)
