@@ -315,6 +315,7 @@ def plot(cells: dict, path: Path) -> None:
 
 def save_configs(rows: list[dict], folder: Path) -> None:
     """For every loss with a full column of grid runs, the V with the best mean validation top-1 as a config."""
+    folder.mkdir(parents=True, exist_ok=True)
     for loss in LOSSES:
         chosen = best_cell(rows, loss)
         if chosen is None:
