@@ -281,33 +281,37 @@ def write_report(rows: list[dict], out: Path) -> None:
             f"| {r['phase']} | {r['loss']} | `{r['settings']}` | {r['val_top1']} | {r['val_few']} |" for r in search
         ]
     (out / "study.md").write_text("\n".join(lines) + "\n")
-    plot(cells, out / "study.png")
+    plot(rows, out / "study.png")
 
 
-def plot(cells: dict, path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
+    """Test top-1 (All, Few) against V, one line per loss; extra searches' grids dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, metric, title in ((axes[0], "test_top1", "All"), (axes[1], "test_few", "Few")):
-        for loss in LOSSES:
-            vs = sorted(v for (lo, v) in cells if lo == loss)
-            if not vs:
-                continue
-            stats = [_stats([float(r[metric]) for r in cells[(loss, v)]]) for v in vs]
-            ax.errorbar(
-                vs,
-                [s[0] for s in stats],
-                yerr=[0 if math.isnan(s[1]) else s[1] for s in stats],
-                marker="o",
-                capsize=3,
-                label=loss,
-            )
+        for phase in grid_phases(rows):
+            cells = grid_cells(rows, phase)
+            for loss in LOSSES:
+                vs = sorted(v for (lo, v) in cells if lo == loss)
+                if not vs:
+                    continue
+                stats = [_stats([float(r[metric]) for r in cells[(loss, v)]]) for v in vs]
+                ax.errorbar(
+                    vs,
+                    [s[0] for s in stats],
+                    yerr=[0 if math.isnan(s[1]) else s[1] for s in stats],
+                    marker="o",
+                    capsize=3,
+                    linestyle="-" if phase == "grid" else "--",
+                    label=loss if phase == "grid" else f"{loss} ({phase}: {cells[(loss, vs[0])][0]['settings']})",
+                )
         ax.set(xlabel="views V", ylabel=f"test top-1, {title} (%)", title=f"MNIST-LT, {title}", xticks=[2, 4, 8])
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
