@@ -142,8 +142,16 @@ class Model(nn.Module):
         self.classifier = nn.Linear(dim, num_classes)
         self.head = projection_head(head, dim, proj_dim) if proj_dim else None  # no head for CE / LA
 
-    def forward(self, x: Tensor, project: bool = True) -> tuple[Tensor, Tensor | None]:
-        """x [B, 3, H, W] -> (logits [B, C] fp32, z [B, proj_dim] fp32 unit rows or None)."""
+    def forward(self, x: Tensor | list[Tensor], project: bool = True) -> tuple[Tensor, Tensor | None]:
+        """x [B, 3, H, W] -> (logits [B, C] fp32, z [B, proj_dim] fp32 unit rows or None).
+
+        x a list of views: each view through the network on its own (its own BatchNorm statistics, as
+        the official PaCo / GPaCo steps), outputs concatenated view-major; one call, so that
+        DistributedDataParallel sees one forward per backward."""
+        if isinstance(x, (list, tuple)):
+            outs = [self(v, project) for v in x]
+            z = None if outs[0][1] is None else torch.cat([o[1] for o in outs])
+            return torch.cat([o[0] for o in outs]), z
         f = self.backbone(x)
         logits = self.classifier(f).float()
         if not project or self.head is None:

@@ -119,8 +119,7 @@ class Objective(nn.Module):
             return self._paco(model, views, labels, autocast)
         if self.kind == "gpaco":
             with autocast():
-                outs = [model(v) for v in views]  # one forward per view, as the official GPaCo
-            logits, z = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+                logits, z = model(list(views))  # every view in its own forward, as the official GPaCo
         else:
             with autocast():
                 logits, z = model(torch.cat(views), project=self.kind in PROJECTING)  # rows view-major
@@ -147,8 +146,10 @@ class Objective(nn.Module):
 
     def _paco(self, model: nn.Module, views: list[Tensor], labels: Tensor, autocast) -> Tensor:
         """MoCo step of PaCo: keys of the last view from the momentum encoder, every other view a query."""
+        n_query = len(views) - 1
         with autocast():
-            queries = [model(v) for v in views[:-1]]
+            logits, z = model(list(views[:-1]))  # every query view in its own forward
+            queries = zip(logits.chunk(n_query), z.chunk(n_query))
             with torch.no_grad():
                 momentum_update(self.key_encoder, _unwrap(model), self.cfg["moco_momentum"])
                 _, k = self.key_encoder(views[-1])
