@@ -332,8 +332,8 @@ def save_configs(rows: list[dict], folder: Path) -> None:
         val = _stats([float(r["val_top1"]) for r in rs])[0]
         header = (
             f"# MNIST-LT, {loss}: the setting chosen by `python -m train.study` on the validation split\n"
-            f"# (search at V = 2; then V = {v} had the best mean validation top-1, {val:.1f}, over seeds "
-            f"{','.join(sorted(r['seed'] for r in rs))}). Results: train/results/study.md.\n"
+            f"# (search at V = 2, grid `{rs[0]['phase']}`; then V = {v} had the best mean validation top-1, "
+            f"{val:.1f}, over seeds {','.join(sorted(r['seed'] for r in rs))}). Results: train/results/study.md.\n"
         )
         (folder / f"mnist_lt_{loss}.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
 
