@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo loss-demo test lint bench clean
+.PHONY: demo loss-demo study test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp) | $(PY)
 # Train on the embedded MNIST-LT default (CPU, a few minutes); prints top-1 and Many/Medium/Few.
 demo: $(STAMP)
 	$(PY) -m train --config mnist_lt_acl --output runs --progress false
+
+# The MNIST-LT study (every loss, V = 2/4/8, 3 seeds; CPU, hours): train/results/study.{csv,md,png}.
+study: $(STAMP)
+	OMP_NUM_THREADS=1 nice -n 19 $(PY) -m train.study
 
 loss-demo: $(STAMP)
 	$(PY) -m acl_kernels.demo

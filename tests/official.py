@@ -32,8 +32,23 @@ def supcon(features, labels=None, mask=None, temperature=0.07, contrast_mode="al
     return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
 
 
-def paco(features, labels, sup_logits, *, alpha, beta=1.0, gamma=1.0, supt=1.0, temperature=1.0,
-         base_temperature=None, K=128, num_classes=1000, weight=None, smooth=0.0, queries_only=True):
+def paco(
+    features,
+    labels,
+    sup_logits,
+    *,
+    alpha,
+    beta=1.0,
+    gamma=1.0,
+    supt=1.0,
+    temperature=1.0,
+    base_temperature=None,
+    K=128,
+    num_classes=1000,
+    weight=None,
+    smooth=0.0,
+    queries_only=True,
+):
     """PaCo/LT losses.py (queries_only=True: anchors = (rows - K) // 2) and GPaCo/LT (False: rows - K).
 
     weight: [1, C] class frequencies (cal_weight_for_classes) or None.
@@ -59,9 +74,11 @@ def paco(features, labels, sup_logits, *, alpha, beta=1.0, gamma=1.0, supt=1.0, 
     return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
 
 
-def aligned(features, labels, sup_logits=None, *, temperature, alpha, beta, gamma, supt=1.0, log_prior=None,
-            class_weight=None):
-    """DESIGN.md §1.2 written out term by term, one anchor and one positive at a time (slow; tiny inputs).
+def aligned(
+    features, labels, sup_logits=None, *, temperature, alpha, beta, gamma, supt=1.0, log_prior=None, class_weight=None
+):
+    """The aligned loss of acl_kernels/ops/contrastive/README.md (mode `aligned`) written out term by
+    term, one anchor and one positive at a time (slow; tiny inputs).
 
     features [N, d] (all rows are anchors), sup_logits [N, C] or None, class_weight(c, anchor_label)
     -> negative weight w of a sample of class c (None: 1).
@@ -91,3 +108,36 @@ def aligned(features, labels, sup_logits=None, *, temperature, alpha, beta, gamm
         terms = [t * torch.log(torch.exp(l) / (torch.exp(l) + neg_mass)) for l, t in pos]
         losses.append(-sum(terms) / a)
     return torch.stack(losses).mean()
+
+
+def moco_step(net, key_net, im_q, im_k, labels, queue, queue_labels, *, momentum, loss_kwargs, weight):
+    """One training step of PaCo/LT's MoCo model, restated: the query view through the network (its
+    classifier reads the pooled feature), the momentum update of the key network, the key view through
+    the key network, features [q; k; queue], loss with anchors = q. Returns (loss, keys to enqueue).
+
+    `net` / `key_net` expose backbone (pooled feature), head (projection) and classifier modules.
+    """
+    f = net.backbone(im_q)
+    q = F.normalize(net.head(f), dim=1)
+    logits_q = net.classifier(f)
+    with torch.no_grad():
+        for pk, pq in zip(key_net.parameters(), net.parameters()):
+            pk.data = pk.data * momentum + pq.data * (1.0 - momentum)
+        k = F.normalize(key_net.head(key_net.backbone(im_k)), dim=1)
+    features = torch.cat([q, k, queue])
+    target = torch.cat([labels, labels, queue_labels])
+    loss = paco(features, target, logits_q, K=queue.shape[0], weight=weight, queries_only=True, **loss_kwargs)
+    return loss, k
+
+
+def gpaco_step(net, im_q, im_k, labels, queue, queue_labels, *, loss_kwargs, weight):
+    """One training step of GPaCo/LT's model, restated: each view through the same network in its own
+    forward, features [q; k; queue] with every in-batch row an anchor, classifier logits [q; k].
+    Returns (loss, keys to enqueue: the key view only)."""
+    fq, fk = net.backbone(im_q), net.backbone(im_k)
+    q, k = F.normalize(net.head(fq), dim=1), F.normalize(net.head(fk), dim=1)
+    logits = torch.cat([net.classifier(fq), net.classifier(fk)])
+    features = torch.cat([q, k, queue])
+    target = torch.cat([labels, labels, queue_labels])
+    loss = paco(features, target, logits, K=queue.shape[0], weight=weight, queries_only=False, **loss_kwargs)
+    return loss, k.detach()

@@ -22,10 +22,14 @@ def mnist():
 
 def test_mnist_lt_profile(mnist):
     tr = datasets.read_split(mnist / "train.txt", mnist)
+    va = datasets.read_split(mnist / "val.txt", mnist)
     te = datasets.read_split(mnist / "test.txt", mnist)
-    assert datasets.class_counts(tr, 10).tolist() == [400, 239, 143, 86, 51, 30, 18, 11, 6, 4]
+    assert datasets.class_counts(tr, 10).tolist() == [350, 209, 125, 75, 45, 27, 16, 9, 5, 3]
+    assert datasets.class_counts(va, 10).tolist() == [50] * 10  # balanced, selects the epoch
     assert datasets.class_counts(te, 10).tolist() == [100] * 10
-    assert not set(tr.files) & set(te.files)
+    # the same digit never in two splits (the JPEG bytes of a digit are identical wherever it is written)
+    digests = [{(s.root / f).read_bytes() for f in s.files} for s in (tr, va, te)]
+    assert not (digests[0] & digests[1] or digests[0] & digests[2] or digests[1] & digests[2])
     datasets.check_split(tr, 10)
     with Image.open(tr.full_path(0)) as im:
         assert im.size == (28, 28) and im.format == "JPEG"

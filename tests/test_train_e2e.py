@@ -18,13 +18,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("loader", ["dali", "pytorch"])
 def test_smoke_cli(tmp_path, capsys, loader):
-    args = small_args(tmp_path, "--max-steps", "3", "--max-eval-batches", "3", "--data-loader", loader,
-                      "--tensorboard", "true", "--plot", "true", "--n-views", "4")
+    args = small_args(
+        tmp_path,
+        "--max-steps",
+        "3",
+        "--max-eval-batches",
+        "3",
+        "--data-loader",
+        loader,
+        "--tensorboard",
+        "true",
+        "--plot",
+        "true",
+        "--n-views",
+        "4",
+    )
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "final (mnist_lt_acl): top-1" in out and "Many" in out and "Few" in out
+    assert "test at epoch 1 (mnist_lt_acl): top-1" in out  # the test split, scored once at the val-selected epoch
     run = tmp_path / "mnist_lt_acl"
-    for f in ("config.yaml", "checkpoint.pt", "metrics.csv", "per_class.csv", "curves.png"):
+    for f in ("config.yaml", "checkpoint.pt", "best.pt", "result.json", "metrics.csv", "per_class.csv", "curves.png"):
         assert (run / f).is_file(), f
     assert any((run / "tb").iterdir())
     header, row = (run / "metrics.csv").read_text().splitlines()

@@ -21,8 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     if report and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"final ({cfg['name']}): top-1 {report['top1']:.2f} | Many {report['many']:.2f} | "
-            f"Medium {report['medium']:.2f} | Few {report['few']:.2f} | best top-1 {report['best_top1']:.2f}"
+            f"Medium {report['medium']:.2f} | Few {report['few']:.2f} | "
+            f"best validation top-1 {report['best_top1']:.2f} (epoch {report['best_epoch']})"
         )
+        if "test" in report:
+            t = report["test"]
+            print(
+                f"test at epoch {report['best_epoch']} ({cfg['name']}): top-1 {t['top1']:.2f} | Many {t['many']:.2f} | "
+                f"Medium {t['medium']:.2f} | Few {t['few']:.2f}"
+            )
     return 0
 
 

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "data_root": "",  # folder the paths of the split files are relative to (CIFAR: folder of the CIFAR copy)
     "train_split": "",  # "relative/path label" lines; relative to data_root unless absolute
     "val_split": "",
+    "test_split": "",
     "num_classes": 0,  # 0: max label + 1 of the training split
     "imbalance": 100,  # rho of the CIFAR-LT / MNIST-LT exponential profile
     "cache_dir": ".cache/acl-train",  # where MNIST-LT / CIFAR-LT are written on first use
@@ -37,11 +38,12 @@ DEFAULTS: dict[str, Any] = {
     "mean": [0.485, 0.456, 0.406],
     "std": [0.229, 0.224, 0.225],
     # model
-    "arch": "resnet50",  # resnet50 | resnext50_32x4d | resnet152 | resnet32 | small_cnn
+    "arch": "resnet50",  # resnet50 | resnext50_32x4d | resnet152 | resnet32 | small_cnn | tiny_cnn
     "pretrained": "",  # local checkpoint of the backbone (torchvision state_dict); nothing is downloaded
     "head": "mlp_bn",  # mlp_bn (PaCo) | mlp3 (GPaCo)
     "proj_dim": 128,
     "sync_bn": False,
+    "freeze": "",
     # loss
     "loss": "acl",  # acl | paco | gpaco | supcon | ce | la
     "alpha": 0.05,
@@ -71,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "channels_last": "auto",  # auto (on GPU) | true | false
     "compile": False,
     # fp32 matmuls (the backbone under AMP off, and the fused loss: projections reach it in fp32) on
-    # tensor cores with tf32, as timm does; the loss's tolerance with tf32 is in DESIGN.md §4
+    # tensor cores with tf32, as timm does; the loss's tolerance with tf32 is in docs/losses.md
     "tf32": True,
     # run
     "output": "runs",
@@ -92,13 +94,24 @@ DEFAULTS: dict[str, Any] = {
 CHOICES = {
     "dataset": ("mnist_lt", "cifar10_lt", "cifar100_lt", "split"),
     "data_loader": ("dali", "pytorch"),
-    "arch": ("resnet50", "resnext50_32x4d", "resnet152", "resnet32", "small_cnn"),
+    "arch": ("resnet50", "resnext50_32x4d", "resnet152", "resnet32", "small_cnn", "tiny_cnn"),
     "head": ("mlp_bn", "mlp3"),
     "loss": ("acl", "paco", "gpaco", "supcon", "ce", "la"),
     "negative_weight": ("none", "batch", "prior"),
+    "freeze": ("", "all_but_last_block"),
     "schedule": ("cosine", "step"),
     "amp": ("auto", "bf16", "fp16", "none"),
     "device": ("auto", "cpu", "cuda"),
+}
+
+
+# help text of the options (the others explain themselves through the comments above)
+HELP = {
+    "val_split": "split file of the validation set: it selects the epoch whose weights are kept (best.pt)",
+    "test_split": "split file of the held-out test set, evaluated once with the selected weights; "
+    "MNIST-LT has its own (val.txt / test.txt)",
+    "freeze": "'' (train everything) or 'all_but_last_block': the convolutions of a ResNet outside its last "
+    "residual block keep their (pretrained) weights, as the official Places-LT recipe",
 }
 
 
@@ -173,6 +186,8 @@ def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     )
     for key, default in defaults.items():
         kwargs: dict[str, Any] = {"default": default, "type": _arg_type(DEFAULTS[key]), "dest": key}
+        if key in HELP:
+            kwargs["help"] = HELP[key]
         if key in CHOICES:
             kwargs["choices"] = CHOICES[key]
         if isinstance(DEFAULTS[key], bool):
@@ -205,6 +220,8 @@ def check(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"n_views must be >= 1, got {cfg['n_views']}")
     if cfg["loss"] in ("paco", "supcon", "gpaco") and cfg["n_views"] < 2:
         raise ConfigError(f"loss={cfg['loss']} needs n_views >= 2, got {cfg['n_views']}")
+    if not 0 <= cfg["randaug_m"] <= 10:
+        raise ConfigError(f"randaug_m must be in [0, 10] (timm's RandAugment magnitude scale), got {cfg['randaug_m']}")
     if not cfg["views"]:
         raise ConfigError("views must list at least one augmentation recipe")
     if cfg["batch_size"] < 1 or cfg["epochs"] < 1:

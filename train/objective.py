@@ -40,9 +40,13 @@ def gather(x: Tensor) -> Tensor:
 class Objective(nn.Module):
     """loss(model, views, labels) for loss in acl | paco | gpaco | supcon | ce | la.
 
-    acl:    ACLLoss over all V views, centre logits of every view, optional queue.
-    paco:   view 0 through the model (queries), view 1 through the momentum key encoder, queue.
-    gpaco:  every view is an anchor, optional queue of detached projections.
+    acl:    ACLLoss over all V views (one forward of the V views together), centre logits of every
+            view, optional queue of every view's detached projections.
+    paco:   the last view through the momentum key encoder (keys); every other view through the model
+            (queries, one forward each), each query view contrasted with [its queries; keys; queue]
+            by PaCoLoss and the V - 1 losses averaged (V = 2: the official step); the keys are enqueued.
+    gpaco:  every view through the model in its own forward (per-view BatchNorm statistics, as the
+            official code), every view an anchor, optional queue; only the last view is enqueued.
     supcon: CE on every view's logits + supcon_weight * SupCon.
     ce, la: CE on every view's logits; la adds la_tau * log(prior) to the logits while training.
     """
@@ -81,11 +85,10 @@ class Objective(nn.Module):
                 impl=cfg["loss_impl"],
                 **_group_kwargs(SupConLoss),
             )
-        if (
-            self.loss is not None
-            and hasattr(self.loss, "cal_weight_for_classes")
-            and (cfg["logit_adjust"] or cfg["negative_weight"] == "prior")
-        ):
+        # the class prior: PaCo / GPaCo add log(prior) to the centre logits whenever it is set, so only
+        # under logit_adjust; ACL has its own logit_adjust switch and also needs it for "prior" weights
+        needs_prior = cfg["logit_adjust"] or (self.kind == "acl" and cfg["negative_weight"] == "prior")
+        if isinstance(self.loss, (ACLLoss, PaCoLoss)) and needs_prior:
             self.loss.cal_weight_for_classes(class_counts)
         self.key_encoder = key_encoder(model) if self.kind == "paco" else None
         k = cfg["queue_size"] if self.kind in ("acl", "paco", "gpaco") else 0
@@ -113,18 +116,13 @@ class Objective(nn.Module):
     def forward(self, model: nn.Module, views: list[Tensor], labels: Tensor, autocast) -> Tensor:
         bsz, n_views = labels.shape[0], len(views)
         if self.kind == "paco":
+            return self._paco(model, views, labels, autocast)
+        if self.kind == "gpaco":
             with autocast():
-                logits_q, q = model(views[0])
-                with torch.no_grad():
-                    momentum_update(self.key_encoder, _unwrap(model), self.cfg["moco_momentum"])
-                    _, k = self.key_encoder(views[1])
-            queue, queue_labels = self._queue()
-            self.loss.K = queue.shape[0]
-            loss = self.loss(torch.cat([q, k, queue]), torch.cat([labels, labels, queue_labels]), logits_q)
-            self._enqueue(k, labels)
-            return loss
-        with autocast():
-            logits, z = model(torch.cat(views), project=self.kind in PROJECTING)  # rows view-major
+                logits, z = model(list(views))  # every view in its own forward, as the official GPaCo
+        else:
+            with autocast():
+                logits, z = model(torch.cat(views), project=self.kind in PROJECTING)  # rows view-major
         y = labels.repeat(n_views)
         if self.kind == "ce":
             return F.cross_entropy(logits, y)
@@ -137,13 +135,33 @@ class Objective(nn.Module):
         if self.kind == "gpaco":
             self.loss.K = queue.shape[0]
             loss = self.loss(torch.cat([z, queue]), torch.cat([y, queue_labels]), logits)
-        else:
-            zv = z.view(n_views, bsz, -1).transpose(0, 1)
-            lv = logits.view(n_views, bsz, -1).transpose(0, 1)
-            has_q = queue.shape[0] > 0
-            loss = self.loss(zv, labels, lv, queue if has_q else None, queue_labels if has_q else None)
+            self._enqueue(z[-bsz:], labels)  # the official code enqueues the key (last) view only
+            return loss
+        zv = z.view(n_views, bsz, -1).transpose(0, 1)
+        lv = logits.view(n_views, bsz, -1).transpose(0, 1)
+        has_q = queue.shape[0] > 0
+        loss = self.loss(zv, labels, lv, queue if has_q else None, queue_labels if has_q else None)
         self._enqueue(z, y)
         return loss
+
+    def _paco(self, model: nn.Module, views: list[Tensor], labels: Tensor, autocast) -> Tensor:
+        """MoCo step of PaCo: keys of the last view from the momentum encoder, every other view a query."""
+        n_query = len(views) - 1
+        with autocast():
+            logits, z = model(list(views[:-1]))  # every query view in its own forward
+            queries = zip(logits.chunk(n_query), z.chunk(n_query))
+            with torch.no_grad():
+                momentum_update(self.key_encoder, _unwrap(model), self.cfg["moco_momentum"])
+                _, k = self.key_encoder(views[-1])
+        queue, queue_labels = self._queue()
+        self.loss.K = queue.shape[0]
+        contrast, contrast_labels = torch.cat([k, queue]), torch.cat([labels, queue_labels])
+        losses = [
+            self.loss(torch.cat([q, contrast]), torch.cat([labels, contrast_labels]), logits_q)
+            for logits_q, q in queries
+        ]
+        self._enqueue(k, labels)
+        return torch.stack(losses).mean()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
