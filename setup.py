@@ -3,7 +3,13 @@ ACL_KERNELS_BUILD_CUDA=1 is set (needs nvcc and a CUDA build of torch)."""
 
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# train/ installs as the package acl_train (never as a top-level `train`, which would shadow a
+# user's own train.py); acl_kernels and every subpackage of either are found, not listed.
+package_dir = {"acl_train": "train"}
+packages = find_packages(include=["acl_kernels", "acl_kernels.*"])
+packages += ["acl_train"] + [f"acl_train.{p}" for p in find_packages("train")]
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("ACL_KERNELS_BUILD_CUDA") == "1" and os.path.isdir("csrc") and os.listdir("csrc"):
@@ -13,4 +19,4 @@ if os.environ.get("ACL_KERNELS_BUILD_CUDA") == "1" and os.path.isdir("csrc") and
     ext_modules = [CUDAExtension("acl_kernels._C", sources, extra_compile_args={"nvcc": ["-O3"], "cxx": ["-O3"]})]
     cmdclass = {"build_ext": BuildExtension}
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
