@@ -17,7 +17,7 @@ reference backend (the test oracle) all-reduces an N x d gradient instead.
 
 Every rank must call forward and backward: backward runs one all_gather on the group, issued at
 the same point of the same autograd graph on every rank. To keep it off the group that
-DistributedDataParallel reduces gradients on, pass the loss its own group (dist.new_group()).
+DistributedDataParallel reduces gradients on, pass the loss its own group: loss_group() below.
 """
 
 from __future__ import annotations
@@ -51,6 +51,24 @@ def _all_gather_padded(x: Tensor, length: int, group) -> Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, x, group=group)
     return torch.stack(out)
+
+
+_LOSS_GROUP: list = [None, None]  # (the default group it was made for, the loss's group)
+
+
+def loss_group():
+    """A second process group over every rank, for a loss's collectives (made once per default group).
+
+    DistributedDataParallel all-reduces gradient buckets on the default group while backward runs;
+    the loss's all_gather in backward is issued by the autograd engine among them, and on a shared
+    group (one NCCL communicator, one stream) it waits behind, or interleaves with, those
+    reductions. On its own group it does neither. dist.new_group is collective: every rank must
+    make the first call at the same point of the program (e.g. right after init_process_group).
+    """
+    world = dist.group.WORLD
+    if _LOSS_GROUP[0] is not world:
+        _LOSS_GROUP[:] = [world, dist.new_group()]
+    return _LOSS_GROUP[1]
 
 
 def _fingerprint(value: Any) -> int:

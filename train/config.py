@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "cache_dir": ".cache/acl-train",  # where MNIST-LT / CIFAR-LT are written on first use
     "data_loader": "dali",  # dali | pytorch
     "workers": 2,  # DALI threads / DataLoader workers per rank
+    "prefetch": 2,  # batches prepared ahead per rank (DALI queue depth, DataLoader prefetch per worker)
     "image_size": 224,
     "eval_resize": 256,  # shorter side before the centre crop at evaluation
     "views": ["randaug", "simclr"],  # augmentation recipe of each view, cycled to n_views
@@ -81,12 +82,21 @@ DEFAULTS: dict[str, Any] = {
     "threads": 0,  # torch intra-op threads on CPU; 0: torch's default
     "resume": "",  # checkpoint path, or "auto": <run folder>/checkpoint.pt if it exists
     "stop_at_epoch": 0,  # end the run after this epoch as if interrupted (split a long run into jobs); 0: never
+    "stop_check_every": 20,  # DDP: ranks agree on a SIGTERM every this many steps
     "max_steps": 0,  # stop each epoch after this many steps (smoke tests); 0: full epochs
     "max_eval_batches": 0,
     "eval_every": 1,
     "progress": True,
     "tensorboard": True,
     "plot": True,
+}
+
+# help text of options (shown by --help)
+HELP = {
+    "prefetch": "batches each rank's loader prepares ahead of the step: DALI's prefetch queue depth, "
+    "or the DataLoader's prefetch_factor (per worker)",
+    "stop_check_every": "under DDP, the ranks agree whether a SIGTERM arrived (one small CPU all-reduce) every "
+    "this many steps, and all stop at that step; one process checks after every step",
 }
 
 CHOICES = {
@@ -175,6 +185,8 @@ def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
         kwargs: dict[str, Any] = {"default": default, "type": _arg_type(DEFAULTS[key]), "dest": key}
         if key in CHOICES:
             kwargs["choices"] = CHOICES[key]
+        if key in HELP:
+            kwargs["help"] = HELP[key]
         if isinstance(DEFAULTS[key], bool):
             kwargs["metavar"] = "BOOL"
         flags = {"--" + key, "--" + key.replace("_", "-")}
@@ -207,6 +219,8 @@ def check(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"loss={cfg['loss']} needs n_views >= 2, got {cfg['n_views']}")
     if not cfg["views"]:
         raise ConfigError("views must list at least one augmentation recipe")
+    if cfg["stop_check_every"] < 1:
+        raise ConfigError(f"stop_check_every must be >= 1, got {cfg['stop_check_every']}")
     if cfg["batch_size"] < 1 or cfg["epochs"] < 1:
         raise ConfigError("batch_size and epochs must be >= 1")
     if cfg["dataset"] == "split" and not (cfg["train_split"] and cfg["val_split"]):
