@@ -62,7 +62,7 @@ def measure_one(args) -> dict:
     t1, c1 = time.perf_counter(), _cpu_s()
     n = n_after_first = 0
     t_first = None
-    for i, (views, labels) in enumerate(loader):
+    for i, (_views, labels) in enumerate(loader):
         n += labels.shape[0]
         if i == 0:
             t_first = time.perf_counter()
