@@ -6,7 +6,8 @@
 
 Sweeps (every combination): --loss, --n-views, --batch-size (per rank), --data-loader, --impl (the
 loss's impl). Other options (e.g. --arch small_cnn --image-size 64 --workers 1) go to the config.
---synthetic: an ImageNet-like JPEG set (bench/synthetic.py) sized for the run, in /tmp.
+--synthetic: an ImageNet-like JPEG set (bench/synthetic.py) sized for the run, in /tmp; neither it
+nor --data-root: the config's own data (e.g. the embedded MNIST-LT).
 
 Two phases per combination, on every rank:
   throughput  `--steps` plain training steps after `--warmup`: images/s per rank (no extra syncs).
@@ -73,8 +74,8 @@ def parse(argv=None):
     for name in ("warmup", "steps", "breakdown_steps"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             p.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}")
-    if args.synthetic == bool(args.data_root):
-        p.error("give either --synthetic or --data-root")
+    if args.synthetic and args.data_root:
+        p.error("give --synthetic or --data-root, not both")
     return args, rest
 
 
