@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -182,9 +183,13 @@ class DaliLoader:
             warnings.simplefilter("ignore", DeprecationWarning)
             from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.split, self.order_of, self.batch, self.train = split, order_of, batch, train
-        self.rank, self.world, self.max_steps = rank, world, cfg["max_steps"] if train else 0
+        self.rank, self.world = rank, world
+        self.max_steps = cfg["max_steps"] if train else cfg["max_eval_batches"]  # ends the epoch: reset works
         self.first_epoch = state["first_epoch"] if state else epoch
         self._shards: dict[int, np.ndarray] = {}
+        self.read_ahead = max(1, cfg["prefetch"])
+        self._pool = ThreadPoolExecutor(self.read_ahead, thread_name_prefix="read-ahead")
+        self._reads: dict[tuple[int, int], Future] = {}
         gpu = device.type == "cuda"
         opts = dict(
             size=cfg["image_size"],
@@ -226,14 +231,25 @@ class DaliLoader:
         steps = n // self.batch if self.train else -(-n // self.batch)
         return min(steps, self.max_steps) if self.max_steps else steps
 
-    def _source(self, info):
-        """The encoded files and labels of batch `info.iteration` of the pipeline's epoch `info.epoch_idx`."""
-        epoch = self.first_epoch + info.epoch_idx
-        if info.iteration >= self.steps_of(epoch):
-            raise StopIteration
-        idx = self.shard(epoch)[info.iteration * self.batch : (info.iteration + 1) * self.batch]
+    def _read(self, epoch: int, step: int):
+        idx = self.shard(epoch)[step * self.batch : (step + 1) * self.batch]
         files = [np.fromfile(self.split.full_path(int(i)), np.uint8) for i in idx]
         return files, [np.array([self.split.labels[i]], np.int64) for i in idx]
+
+    def _source(self, info):
+        """The encoded files and labels of batch `info.iteration` of the pipeline's epoch `info.epoch_idx`.
+
+        DALI calls this on the training loop's thread; the files of this and the next `prefetch`
+        batches are read by a thread pool, so the loop does not wait on storage.
+        """
+        epoch = self.first_epoch + info.epoch_idx
+        steps = self.steps_of(epoch)
+        if info.iteration >= steps:
+            raise StopIteration
+        for step in range(info.iteration, min(steps, info.iteration + 1 + self.read_ahead)):
+            if (epoch, step) not in self._reads:
+                self._reads[(epoch, step)] = self._pool.submit(self._read, epoch, step)
+        return self._reads.pop((epoch, info.iteration)).result()
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Iterate `epoch` next, from its step `skip`; epochs follow one another (the pipeline's own count)."""

@@ -248,13 +248,16 @@ def evaluate(
     world: int,
     device: torch.device,
     autocast,
+    loader=None,
 ) -> dict:
-    """Top-1 of the raw classifier (no logit compensation) on this rank's shard, summed over ranks."""
+    """Top-1 of the raw classifier (no logit compensation) on this rank's shard, summed over ranks.
+
+    `loader`: an evaluation loader of an earlier call, to run again (DALI: no pipeline rebuild)."""
     net = _unwrap(model)
     net.eval()
     correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
     total = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    loader = make_loader(cfg, val, train=False, epoch=0, rank=rank, world=world, device=device)
+    loader = loader or make_loader(cfg, val, train=False, epoch=0, rank=rank, world=world, device=device)
     for i, (views, labels) in enumerate(loader):
         if cfg["max_eval_batches"] and i >= cfg["max_eval_batches"]:
             break
@@ -390,7 +393,8 @@ def train(cfg: dict) -> dict:
         device=device,
         skip=start_step,
         state=loader_state,
-    )  # one loader for the whole run: DALI's pipeline is built once
+    )  # one loader for the whole run (and one for evaluation): DALI's pipelines are built once
+    val_loader = None
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             skip = start_step if epoch == start_epoch else 0
@@ -452,7 +456,13 @@ def train(cfg: dict) -> dict:
             per_class = None
             if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
                 broadcast_buffers(model)
-                report = evaluate(net, cfg, val_split, num_classes, counts, rank, world, device, autocast)
+                if val_loader is None:
+                    val_loader = make_loader(
+                        cfg, val_split, train=False, epoch=0, rank=rank, world=world, device=device
+                    )
+                report = evaluate(
+                    net, cfg, val_split, num_classes, counts, rank, world, device, autocast, loader=val_loader
+                )
                 row.update({k: report[k] for k in ("top1", "many", "medium", "few")})
                 per_class = report["per_class"]
                 best = max(best, report["top1"])
