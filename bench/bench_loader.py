@@ -26,6 +26,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CSV = HERE / "results" / "loader.csv"
+FIELDS = (
+    "date", "device", "loader_device", "torch", "code", "code_sha", "loader", "n_views", "batch", "workers",
+    "config", "repeat", "build_s", "images_per_s", "cpu_ms_per_image",
+)  # fmt: skip
 
 
 def _cpu_s() -> float:
@@ -57,7 +61,7 @@ def measure_one(args) -> dict:
     )
     split = datasets.read_split(root / "train.txt", root)
     t0, c0 = time.perf_counter(), _cpu_s()
-    loader = make_loader(cfg, split, train=True, epoch=0, rank=0, world=1, device=torch.device("cpu"))
+    loader = make_loader(cfg, split, train=True, epoch=0, rank=0, world=1, device=torch.device(args.device))
     build_s = time.perf_counter() - t0
     t1, c1 = time.perf_counter(), _cpu_s()
     n = n_after_first = 0
@@ -70,6 +74,8 @@ def measure_one(args) -> dict:
             n_after_first += labels.shape[0]
         if i + 1 == args.batches:
             break
+    if args.device == "cuda":
+        torch.cuda.synchronize()
     del loader  # DataLoader workers exit and are reaped: their CPU time counts
     t2 = time.perf_counter()
     cpu = _cpu_s() - c1
@@ -81,6 +87,14 @@ def measure_one(args) -> dict:
         "images": n,
         "cpu_s_build": _cpu_s() - c0 - cpu,
     }
+
+
+def _device(kind: str) -> str:
+    import torch
+
+    if kind == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def _git_sha(path: Path) -> str:
@@ -102,6 +116,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=8, help="batches per run (the first is not timed)")
     p.add_argument("--workers", type=int, default=1, help="DALI threads / DataLoader workers")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: DALI decodes and augments on GPU")
     p.add_argument("--csv", type=Path, default=CSV)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--code-one", dest="code_one", help=argparse.SUPPRESS)
@@ -129,7 +144,7 @@ def main() -> None:
                     cmd = [sys.executable, __file__, "--one", "--code-one", code, "--loader", loader, "--v", str(v)]
                     cmd += ["--config", args.config, "--data-root", args.data_root, "--classes", str(args.classes)]
                     cmd += ["--batch-size", str(args.batch_size), "--batches", str(args.batches)]
-                    cmd += ["--workers", str(args.workers)]
+                    cmd += ["--workers", str(args.workers), "--device", args.device]
                     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     if res.returncode:
                         sys.exit(f"{label} {loader} V={v} failed:\n{res.stderr[-3000:]}")
@@ -145,46 +160,30 @@ def main() -> None:
     import torch
 
     with open(args.csv, "a", newline="") as f:
-        w = csv.writer(f)
+        w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
-            w.writerow(
-                [
-                    "date",
-                    "device",
-                    "torch",
-                    "code",
-                    "code_sha",
-                    "loader",
-                    "n_views",
-                    "batch",
-                    "workers",
-                    "config",
-                    "repeat",
-                    "build_s",
-                    "images_per_s",
-                    "cpu_ms_per_image",
-                ]
-            )
+            w.writeheader()
         for (v, loader, label), rs in runs.items():
-            code = args.code[labels.index(label)]
+            code = Path(args.code[labels.index(label)])
             for i, r in enumerate(rs):
                 w.writerow(
-                    [
-                        time.strftime("%Y-%m-%d"),
-                        platform.processor() or platform.machine(),
-                        torch.__version__,
-                        label,
-                        _git_sha(Path(code)) if (Path(code) / ".git").exists() else label,
-                        loader,
-                        v,
-                        args.batch_size,
-                        args.workers,
-                        args.config,
-                        i,
-                        f"{r['build_s']:.3f}",
-                        f"{r['images_per_s']:.2f}",
-                        f"{r['cpu_ms_per_image']:.2f}",
-                    ]
+                    {
+                        "date": time.strftime("%Y-%m-%d"),
+                        "device": _device(args.device),
+                        "loader_device": args.device,
+                        "torch": torch.__version__,
+                        "code": label,
+                        "code_sha": _git_sha(code) if (code / ".git").exists() else label,
+                        "loader": loader,
+                        "n_views": v,
+                        "batch": args.batch_size,
+                        "workers": args.workers,
+                        "config": args.config,
+                        "repeat": i,
+                        "build_s": f"{r['build_s']:.3f}",
+                        "images_per_s": f"{r['images_per_s']:.2f}",
+                        "cpu_ms_per_image": f"{r['cpu_ms_per_image']:.2f}",
+                    }
                 )
     print(f"\nmedian of {args.repeats} (batch {args.batch_size}, {args.workers} worker(s), config {args.config})")
     print(f"{'V':>2} {'loader':8s} {'code':20s} {'img/s':>8} {'CPU-ms/img':>11} {'build s':>8} {'vs first':>9}")
