@@ -216,7 +216,8 @@ class DaliLoader:
             self.pipe.build()
         self.n_views = len(recipes)
         self.iterator = DALIGenericIterator(self.pipe, [f"v{i}" for i in range(len(recipes))] + ["label"])
-        self.epoch, self.skip, self.at_end = epoch, 0 if state else skip, False
+        self.epoch, self.skip, self.at_end = epoch, skip, False
+        self.replay = 0 if state else skip  # restored: the pipeline is already at step `skip`
 
     def shard(self, epoch: int) -> np.ndarray:
         """This rank's sample indices of `epoch`, in order."""
@@ -253,7 +254,10 @@ class DaliLoader:
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Iterate `epoch` next, from its step `skip`; epochs follow one another (the pipeline's own count)."""
-        self.epoch, self.skip = epoch, skip
+        following = self.epoch + 1 if self.at_end else self.epoch
+        if epoch != following:
+            raise ValueError(f"set_epoch({epoch}): this DALI pipeline continues with epoch {following}")
+        self.epoch, self.skip, self.replay = epoch, skip, skip
 
     def state(self) -> dict:
         return {"first_epoch": self.first_epoch, "dali": self.iterator.checkpoints()[0]}
@@ -280,7 +284,7 @@ class DaliLoader:
                     raise DataError(f"cannot decode image {bad}") from e
                 raise
             step += 1
-            if step <= self.skip:  # a resume without the pipeline's state: replay the skipped batches
+            if step <= self.replay:  # a resume without the pipeline's state: replay the skipped batches
                 continue
             yield [out[f"v{i}"] for i in range(self.n_views)], out["label"].reshape(-1).long()
 
