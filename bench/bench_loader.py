@@ -1,6 +1,7 @@
 """Images/s and CPU-ms per image of the training loaders, side by side for several copies of the code.
 
     python bench/bench_loader.py --code . /tmp/base --loaders dali pytorch --n-views 2 4
+    python bench/bench_loader.py --loaders dali --n-views 1 --views center     # other options: the config's
 
 Each (code, loader, V) runs in its own process (so two copies of the `train` package never meet),
 on the synthetic ImageNet-like JPEG set (bench/synthetic.py) or --data-root, with the augmentation
@@ -38,7 +39,7 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def measure_one(args) -> dict:
+def measure_one(args, rest: list[str]) -> dict:
     """One loader of the `train` package found first on sys.path (the --code copy)."""
     sys.path.insert(0, str(Path(args.code).resolve()))
     import torch
@@ -58,6 +59,7 @@ def measure_one(args) -> dict:
             *("--train-split", "train.txt", "--val-split", "val.txt", "--num-classes", str(args.classes)),
             *("--data-loader", args.loader, "--n-views", str(args.v), "--batch-size", str(args.batch_size)),
             *("--workers", str(args.workers)),
+            *rest,
         ]
     )
     split = datasets.read_split(root / "train.txt", root)
@@ -123,10 +125,10 @@ def main() -> None:
     p.add_argument("--code-one", dest="code_one", help=argparse.SUPPRESS)
     p.add_argument("--loader", help=argparse.SUPPRESS)
     p.add_argument("--v", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args, rest = p.parse_known_args()
     if args.one:
         args.code = args.code_one
-        print(json.dumps(measure_one(args)))
+        print(json.dumps(measure_one(args, rest)))
         return
     if args.labels and len(args.labels) != len(args.code):
         p.error(f"--labels: expected {len(args.code)} names (one per --code), got {len(args.labels)}")
@@ -145,7 +147,7 @@ def main() -> None:
                     cmd = [sys.executable, __file__, "--one", "--code-one", code, "--loader", loader, "--v", str(v)]
                     cmd += ["--config", args.config, "--data-root", args.data_root, "--classes", str(args.classes)]
                     cmd += ["--batch-size", str(args.batch_size), "--batches", str(args.batches)]
-                    cmd += ["--workers", str(args.workers), "--device", args.device]
+                    cmd += ["--workers", str(args.workers), "--device", args.device, *rest]
                     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     if res.returncode:
                         sys.exit(f"{label} {loader} V={v} failed:\n{res.stderr[-3000:]}")

@@ -150,7 +150,7 @@ def _dali_pipeline(source, recipes, decode_device, opts, **pipe_kwargs):
         jpegs, y = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True)
         images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
         views = [_dali_view(images, r, **opts) for r in recipes]
-        return (*views, y)
+        return (*views, y.gpu() if decode_device == "mixed" else y)  # on the GPU: no blocking copy per step
 
     return pipe(**pipe_kwargs)
 
