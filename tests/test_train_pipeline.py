@@ -95,9 +95,9 @@ def _ranks(rank: int, port: int, out):
 
         group = loss_group()
         same = loss_group() is group and group is not dist.group.WORLD and dist.get_world_size(group) == 2
-        stop = engine._Stop(every=3)
+        stop = engine._Stop(every=3, steps=5)
         stop.flag = rank == 1  # a SIGTERM reached rank 1 only
-        checks = [stop.requested(s) for s in (1, 2, 3)]
+        checks = [stop.requested(s) for s in (1, 2, 3, 4, 5)]
         stop.restore()
         bn = torch.nn.BatchNorm1d(4)
         bn.running_mean.fill_(float(rank + 1))
@@ -122,7 +122,7 @@ def test_ddp_groups_stop_check_and_buffers():
     results = sorted(out.get() for _ in procs)
     for rank, same, checks, mean in results:
         assert same, "loss_group() must be one cached group of both ranks, not the default group"
-        assert checks == [False, False, True], f"rank {rank}: both ranks stop at step 3 only, got {checks}"
+        assert checks == [False, False, True, False, True], f"rank {rank}: steps 3 and 5 (the last) check, got {checks}"
         assert mean == [1.0] * 4, f"rank {rank}: rank 0's running mean expected, got {mean}"
 
 

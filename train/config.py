@@ -96,7 +96,7 @@ HELP = {
     "prefetch": "batches each rank's loader prepares ahead of the step: DALI's prefetch queue depth, "
     "or the DataLoader's prefetch_factor (per worker)",
     "stop_check_every": "under DDP, the ranks agree whether a SIGTERM arrived (one small CPU all-reduce) every "
-    "this many steps, and all stop at that step; one process checks after every step",
+    "this many steps and at each epoch's last step, and all stop there; one process checks after every step",
 }
 
 CHOICES = {
@@ -219,8 +219,9 @@ def check(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"loss={cfg['loss']} needs n_views >= 2, got {cfg['n_views']}")
     if not cfg["views"]:
         raise ConfigError("views must list at least one augmentation recipe")
-    if cfg["stop_check_every"] < 1:
-        raise ConfigError(f"stop_check_every must be >= 1, got {cfg['stop_check_every']}")
+    for key in ("stop_check_every", "prefetch"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg["batch_size"] < 1 or cfg["epochs"] < 1:
         raise ConfigError("batch_size and epochs must be >= 1")
     if cfg["dataset"] == "split" and not (cfg["train_split"] and cfg["val_split"]):

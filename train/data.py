@@ -187,7 +187,7 @@ class DaliLoader:
         self.max_steps = cfg["max_steps"] if train else cfg["max_eval_batches"]  # ends the epoch: reset works
         self.first_epoch = state["first_epoch"] if state else epoch
         self._shards: dict[int, np.ndarray] = {}
-        self.read_ahead = max(1, cfg["prefetch"])
+        self.read_ahead = cfg["prefetch"]
         self._pool = ThreadPoolExecutor(self.read_ahead, thread_name_prefix="read-ahead")
         self._reads: dict[tuple[int, int], Future] = {}
         gpu = device.type == "cuda"
@@ -210,7 +210,7 @@ class DaliLoader:
                 num_threads=max(1, cfg["workers"]),
                 device_id=device.index or 0 if gpu else None,
                 seed=_mix_seed(cfg["seed"], epoch, rank, int(train)),
-                prefetch_queue_depth=max(1, cfg["prefetch"]),
+                prefetch_queue_depth=cfg["prefetch"],
                 checkpoint=state["dali"] if state else None,
             )
             self.pipe.build()
@@ -433,7 +433,7 @@ class TorchLoader:
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             drop_last=self.train,
-            prefetch_factor=max(1, self.cfg["prefetch"]) if workers else None,
+            prefetch_factor=self.cfg["prefetch"] if workers else None,
         )
 
     def state(self) -> None:

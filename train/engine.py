@@ -86,13 +86,14 @@ class _Stop:
     """SIGTERM sets a flag; the loop saves a checkpoint and stops at the next step that checks it.
 
     One process checks after every step (reading a flag). Under DDP every rank must stop at the
-    same step, so ranks agree by an all-reduce of the flags every `every` steps, on a gloo group
-    of CPU tensors: the check never waits on the GPU, and costs one small CPU collective per k steps.
+    same step, so ranks agree by an all-reduce of the flags every `every` steps and at an epoch's
+    last step `steps`, on a gloo group of CPU tensors: the check never waits on the GPU, and costs
+    one small CPU collective per `every` steps.
     """
 
-    def __init__(self, every: int = 1):
+    def __init__(self, every: int = 1, steps: int = 0):
         self.flag = False
-        self.every = every
+        self.every, self.steps = every, steps
         self.previous = None
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         with contextlib.suppress(ValueError):  # not the main thread: no handler
@@ -109,7 +110,7 @@ class _Stop:
         """Whether to stop after `step` (1-based steps of the epoch)."""
         if self.group is None:
             return self.flag
-        if step % self.every:
+        if step % self.every and step != self.steps:
             return False
         t = torch.tensor([float(self.flag)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)  # every rank stops at the same step
@@ -348,7 +349,7 @@ def train(cfg: dict) -> dict:
         net = torch.compile(net)
 
     logs = Logs(out, cfg, num_classes, start_epoch, main)
-    stop = _Stop(cfg["stop_check_every"])
+    stop = _Stop(cfg["stop_check_every"], steps)
 
     def checkpoint(epoch: int, step: int) -> None:
         state = loader.state()  # every rank's loader (DALI: the pipeline's random state and position)
