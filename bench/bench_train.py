@@ -139,6 +139,11 @@ def measure(cfg: dict, args, rank: int, world: int, device) -> dict:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     objective = Objective(cfg, model, class_counts(train_split, num_classes), num_classes).to(device)
+    k = objective.queue.shape[0]
+    if k:  # the steady state: a full queue of keys (training fills it in the first K / batch steps)
+        objective.queue.copy_(torch.nn.functional.normalize(torch.randn_like(objective.queue), dim=1))
+        objective.queue_labels.copy_(torch.randint(num_classes, (k,), device=device))
+        objective.queue_ptr[1] = k
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -159,9 +159,10 @@ class DaliLoader:
     """This rank's shard of every epoch (or of the evaluation set) through one DALI pipeline.
 
     The pipeline is built once and reset at each epoch (building costs seconds). Its external
-    source reads the encoded files of the epoch's order batch by batch, so the order can change per
-    epoch without a rebuild; DALI prefetches `prefetch` batches ahead. state() is a DALI checkpoint
-    (random generators and position): restored by a new loader, it continues exactly.
+    source hands it the encoded files of the epoch's order batch by batch (read ahead by a thread
+    pool), so the order can change per epoch without a rebuild; DALI prefetches `prefetch` batches
+    ahead. state() is a DALI checkpoint (random generators and position): a new loader restored
+    from it continues exactly, mid-epoch too.
     """
 
     def __init__(
