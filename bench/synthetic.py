@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-# ImageNet training images: mostly 500 x 375 / 375 x 500 / 500 x 333, median about 110 KB at quality ~90
+# ImageNet training images are mostly about 500 x 375 (either orientation) or 500 x 333
 _SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (640, 480))
 
 
