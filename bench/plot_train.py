@@ -42,7 +42,7 @@ def plot(rows: list[dict], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     labels = [
-        f"{r['arch']} {r['loss']}/{r['impl']} V={r['n_views']}\nb={r['batch_per_rank']}/rank {r['data_loader']} "
+        f"{r['loss']}/{r['impl']} V={r['n_views']}\nb={r['batch_per_rank']}/rank {r['data_loader']} "
         f"x{r['world']}\n{float(r['images_per_s']):.0f} img/s" + (
             f", eff {float(r['scaling_efficiency']):.2f}" if r["scaling_efficiency"] else "")
         for r in rows
@@ -54,8 +54,8 @@ def plot(rows: list[dict], out: Path) -> Path:
         ax.bar(range(len(rows)), h, bottom=bottom, label=name)
         bottom = [b + x for b, x in zip(bottom, h)]
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    devices = sorted({r["device"] for r in rows})
-    ax.set(ylabel="ms per step (median, per rank)", title="training step breakdown: " + "; ".join(devices))
+    where = "; ".join(sorted({f"{r['arch']} {r['image_size']} px on {r['device']}" for r in rows}))
+    ax.set(ylabel="ms per step (median, per rank)", title="training step breakdown: " + where)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
