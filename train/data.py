@@ -334,7 +334,7 @@ def _torch_view(recipe: str, cfg: dict):
         if recipe == "randaug_stack":
             ops += [T.RandomGrayscale(0.2), blur]
         ops += [T.RandAugment(cfg["randaug_n"], cfg["randaug_m"])]
-    # PIL images until the end (decoded as PIL; PIL's blur and colour ops are the fast ones on uint8)
+    # PIL images until the end: decoded as PIL, and PIL's own blur (the official one) takes PIL images
     ops = [*ops, T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(cfg["mean"], cfg["std"])]
     return T.Compose(ops)
 
