@@ -59,11 +59,11 @@ _LOSS_GROUP: list = [None, None]  # (the default group it was made for, the loss
 def loss_group():
     """A second process group over every rank, for a loss's collectives (made once per default group).
 
-    DistributedDataParallel all-reduces gradient buckets on the default group while backward runs;
-    the loss's all_gather in backward is issued by the autograd engine among them, and on a shared
-    group (one NCCL communicator, one stream) it waits behind, or interleaves with, those
-    reductions. On its own group it does neither. dist.new_group is collective: every rank must
-    make the first call at the same point of the program (e.g. right after init_process_group).
+    DistributedDataParallel all-reduces gradient buckets on the default group while backward runs,
+    and the autograd engine issues the loss's backward all_gather among them. On the same group
+    they share one communicator (with NCCL, one stream), so the gather queues behind the buckets in
+    flight; on a group of its own it does not. dist.new_group is collective: every rank must make
+    the first call at the same point of the program (e.g. right after init_process_group).
     """
     world = dist.group.WORLD
     if _LOSS_GROUP[0] is not world:
