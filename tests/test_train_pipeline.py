@@ -3,9 +3,11 @@ PIL's blur in the fallback, the stop check every k steps on its own group, the l
 rank 0's BatchNorm statistics before evaluation, and a refused mid-epoch resume on another split."""
 
 import csv
+import gc
 import os
 import socket
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,14 @@ def test_dali_pipeline_lives_across_epochs_and_restores(mnist, tmp_path):
     assert len(resumed) == 2
     for (va, la), (vb, lb) in zip(rest, resumed):
         assert torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(va, vb))
+    # freed as soon as it is dropped, not by the cyclic collector (which may run in a forked worker)
+    gc.disable()
+    try:
+        ref = weakref.ref(again.pipe)
+        del again
+        assert ref() is None, "the loader and its DALI pipeline must not form a reference cycle"
+    finally:
+        gc.enable()
 
 
 def test_fallback_blur_is_pils_with_uniform_sigma():

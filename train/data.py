@@ -25,6 +25,7 @@ Recipes (RECIPES.md), one processing function per loader applied to every view:
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -155,6 +156,18 @@ def _dali_pipeline(source, recipes, decode_device, opts, **pipe_kwargs):
     return pipe(**pipe_kwargs)
 
 
+def _weak_source(loader: DaliLoader) -> Callable:
+    """loader._source through a weak reference. A bound method would make loader -> pipeline ->
+    source -> loader a cycle, freed only by the cyclic garbage collector, which may then run in a
+    forked DataLoader worker, where destroying the DALI pipeline (its threads gone) hangs."""
+    ref = weakref.ref(loader)
+
+    def source(info):
+        return ref()._source(info)
+
+    return source
+
+
 class DaliLoader:
     """This rank's shard of every epoch (or of the evaluation set) through one DALI pipeline.
 
@@ -203,7 +216,7 @@ class DaliLoader:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             self.pipe = _dali_pipeline(
-                self._source,
+                _weak_source(self),
                 recipes,
                 "mixed" if gpu else "cpu",
                 opts,
