@@ -8,7 +8,13 @@ the native backend is missing. Torch must be installed first and the build run w
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# train/ installs as the package acl_train (never as a top-level `train`, which would shadow a
+# user's own train.py); acl_kernels and every subpackage of either are found, not listed.
+package_dir = {"acl_train": "train"}
+packages = find_packages(include=["acl_kernels", "acl_kernels.*"])
+packages += ["acl_train"] + [f"acl_train.{p}" for p in find_packages("train")]
 
 SOURCES = (
     sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")) if os.path.isdir("csrc") else []
@@ -41,4 +47,4 @@ def native_extension():
 
 
 ext_modules, cmdclass = native_extension() if SOURCES else ([], {})
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -17,7 +17,7 @@ reference backend (the test oracle) all-reduces an N x d gradient instead.
 
 Every rank must call forward and backward: backward runs one all_gather on the group, issued at
 the same point of the same autograd graph on every rank. To keep it off the group that
-DistributedDataParallel reduces gradients on, pass the loss its own group (dist.new_group()).
+DistributedDataParallel reduces gradients on, pass the loss its own group: loss_group() below.
 """
 
 from __future__ import annotations
@@ -51,6 +51,24 @@ def _all_gather_padded(x: Tensor, length: int, group) -> Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, x, group=group)
     return torch.stack(out)
+
+
+_LOSS_GROUP: list = [None, None]  # (the default group it was made for, the loss's group)
+
+
+def loss_group():
+    """A second process group over every rank, for a loss's collectives (made once per default group).
+
+    DistributedDataParallel all-reduces gradient buckets on the default group while backward runs,
+    and the autograd engine issues the loss's backward all_gather among them. On the same group
+    they share one communicator (with NCCL, one stream), so the gather queues behind the buckets in
+    flight; on a group of its own it does not. dist.new_group is collective: every rank must make
+    the first call at the same point of the program (e.g. right after init_process_group).
+    """
+    world = dist.group.WORLD
+    if _LOSS_GROUP[0] is not world:
+        _LOSS_GROUP[:] = [world, dist.new_group()]
+    return _LOSS_GROUP[1]
 
 
 def _fingerprint(value: Any) -> int:

@@ -3,7 +3,8 @@
 # network, from the repository root:
 #     bash bench/gpu_check.sh            # everything lands in $OUT (or bench/results/gpu_check-<time>)
 # Steps: make the package importable, GPU tests (gpu marker, incl. slow N=65536 ones unless
-# QUICK=1), the sm90 compile test, the loss benchmark sweep, its plot; a log of all of it.
+# QUICK=1), the sm90 compile test, the loss benchmark sweep, its plot, the training-step benchmark
+# (bench_train.py) and the loaders' CPU cost per image; a log of all of it.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -51,5 +52,17 @@ else
     $PY bench/bench_loss.py --csv "$CSV" --sizes 4096 16384 65536 --dims 128 --views 2 --dtypes fp32 || status=1
 fi
 $PY bench/plot_loss.py --csv "$CSV" || echo "plot failed (matplotlib missing?)"
+
+echo "== training steps: ResNet-50, ImageNet-LT recipe, V = 2 and 4, both loaders (DALI: GPU decode)"
+TCSV=$OUT/train.csv
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+NPROC=""
+[ "$NGPU" -gt 1 ] && NPROC="--nproc $NGPU"   # 1 process first, then every GPU: scaling efficiency
+$PY bench/bench_train.py --config imagenet_lt_r50 --synthetic --n-views 2 4 --data-loader dali pytorch \
+    --csv "$TCSV" $NPROC || status=1
+$PY bench/plot_train.py --csv "$TCSV" || echo "plot failed (matplotlib missing?)"
+echo "== loader CPU cost per image with GPU decode + augmentation (DALI mixed) vs CPU"
+$PY bench/bench_loader.py --device cuda --loaders dali --repeats 2 --csv "$OUT/loader.csv" || status=1
+$PY bench/bench_loader.py --device cpu --repeats 2 --csv "$OUT/loader.csv" || status=1
 echo "== done, status $status; results in $OUT"
 exit $status

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "cache_dir": ".cache/acl-train",  # where MNIST-LT / CIFAR-LT are written on first use
     "data_loader": "dali",  # dali | pytorch
     "workers": 2,  # DALI threads / DataLoader workers per rank
+    "prefetch": 2,  # batches prepared ahead per rank (DALI queue depth, DataLoader prefetch per worker)
     "image_size": 224,
     "eval_resize": 256,  # shorter side before the centre crop at evaluation
     "views": ["randaug", "simclr"],  # augmentation recipe of each view, cycled to n_views
@@ -83,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": 0,  # torch intra-op threads on CPU; 0: torch's default
     "resume": "",  # checkpoint path, or "auto": <run folder>/checkpoint.pt if it exists
     "stop_at_epoch": 0,  # end the run after this epoch as if interrupted (split a long run into jobs); 0: never
+    "stop_check_every": 20,  # DDP: ranks agree on a SIGTERM every this many steps
     "max_steps": 0,  # stop each epoch after this many steps (smoke tests); 0: full epochs
     "max_eval_batches": 0,
     "eval_every": 1,
@@ -107,6 +109,10 @@ CHOICES = {
 
 # help text of the options (the others explain themselves through the comments above)
 HELP = {
+    "prefetch": "batches each rank's loader prepares ahead of the step: DALI's prefetch queue depth, "
+    "or the DataLoader's prefetch_factor (per worker)",
+    "stop_check_every": "under DDP, the ranks agree whether a SIGTERM arrived (one small CPU all-reduce) every "
+    "this many steps and at each epoch's last step, and all stop there; one process checks after every step",
     "val_split": "split file of the validation set: it selects the epoch whose weights are kept (best.pt)",
     "test_split": "split file of the held-out test set, evaluated once with the selected weights; "
     "MNIST-LT has its own (val.txt / test.txt)",
@@ -186,10 +192,10 @@ def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     )
     for key, default in defaults.items():
         kwargs: dict[str, Any] = {"default": default, "type": _arg_type(DEFAULTS[key]), "dest": key}
-        if key in HELP:
-            kwargs["help"] = HELP[key]
         if key in CHOICES:
             kwargs["choices"] = CHOICES[key]
+        if key in HELP:
+            kwargs["help"] = HELP[key]
         if isinstance(DEFAULTS[key], bool):
             kwargs["metavar"] = "BOOL"
         flags = {"--" + key, "--" + key.replace("_", "-")}
@@ -224,6 +230,9 @@ def check(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"randaug_m must be in [0, 10] (timm's RandAugment magnitude scale), got {cfg['randaug_m']}")
     if not cfg["views"]:
         raise ConfigError("views must list at least one augmentation recipe")
+    for key in ("stop_check_every", "prefetch"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg["batch_size"] < 1 or cfg["epochs"] < 1:
         raise ConfigError("batch_size and epochs must be >= 1")
     if cfg["dataset"] == "split" and not (cfg["train_split"] and cfg["val_split"]):

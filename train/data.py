@@ -7,8 +7,9 @@ Sample order. Each epoch draws one global permutation from (seed, epoch), identi
 trims it to a multiple of world * per-rank batch (instance-balanced sampling with drop_last, and
 the same number of steps on every rank), and gives rank r the r-th contiguous shard. The DALI
 reader shards with shard_id / num_shards over that list; the fallback slices it the same way.
-The augmentation randomness depends only on (seed, epoch, rank) (DALI: the pipeline seed;
-fallback: a seed per sample), so a run resumed from a checkpoint sees the same batches.
+The augmentation randomness depends only on (seed, epoch, rank): the fallback seeds every sample;
+DALI seeds its pipeline at the run's first epoch and keeps it across epochs, and a checkpoint holds
+the pipeline's state. So a run resumed from a checkpoint sees the same batches.
 
 Recipes (docs/recipes.md), one processing function per loader applied to every view:
   simclr         random resized crop (0.08-1), flip, colour jitter (0.4, 0.4, 0.4, 0), grayscale p=0.2,
@@ -37,7 +38,9 @@ from __future__ import annotations
 import contextlib
 import random
 import warnings
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -76,10 +79,6 @@ def _fill_level(mean) -> int:
     return int(round(255 * sum(mean) / len(mean)))
 
 
-def _blur_window(size: int) -> int:
-    return max(3, int(0.1 * size) // 2 * 2 + 1)  # SimCLR: about 10% of the image side, odd
-
-
 # --------------------------------------------------------------------------------------- DALI
 
 
@@ -114,7 +113,8 @@ def _dali_view(images, recipe: str, size: int, mean, std, ra_n: int, ra_m: int, 
 
     def blur(x, p):
         if coin(p):
-            x = fn.gaussian_blur(x, window_size=_blur_window(size), sigma=fn.random.uniform(range=[0.1, 2.0]))
+            # sigma ~ U(0.1, 2) as the official code (PIL); DALI sizes the window per sample: 2 ceil(3 sigma) + 1
+            x = fn.gaussian_blur(x, sigma=fn.random.uniform(range=[0.1, 2.0]))
         return x
 
     mirror = 0
@@ -194,51 +194,67 @@ def _dali_randaugment_suite():
     return [a for a in suite if a.name != "identity"] + [augmentations.invert, augmentations.solarize_add]
 
 
-def _dali_pipeline(files, labels, root, shard_id, num_shards, recipes, decode_device, opts, **pipe_kwargs):
+def _dali_pipeline(source, recipes, decode_device, opts, **pipe_kwargs):
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(enable_conditionals=True)
+    @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
     def pipe():
-        jpegs, y = fn.readers.file(
-            file_root=str(root),
-            files=files,
-            labels=labels,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            random_shuffle=False,
-            name="Reader",
-        )
+        jpegs, y = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True)
         images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
         views = [_dali_view(images, r, **opts) for r in recipes]
-        return (*views, y)
+        return (*views, y.gpu() if decode_device == "mixed" else y)  # on the GPU: no blocking copy per step
 
     return pipe(**pipe_kwargs)
 
 
+def _weak_source(loader: DaliLoader) -> Callable:
+    """loader._source through a weak reference. A bound method would make loader -> pipeline ->
+    source -> loader a cycle, freed only by the cyclic garbage collector, which may then run in a
+    forked DataLoader worker, where destroying the DALI pipeline (its threads gone) hangs."""
+    ref = weakref.ref(loader)
+
+    def source(info):
+        return ref()._source(info)
+
+    return source
+
+
 class DaliLoader:
-    """Iterates one epoch (or the evaluation set) of this rank's shard through a DALI pipeline."""
+    """This rank's shard of every epoch (or of the evaluation set) through one DALI pipeline.
+
+    The pipeline is built once and reset at each epoch (building costs seconds). Its external
+    source hands it the encoded files of the epoch's order batch by batch (read ahead by a thread
+    pool), so the order can change per epoch without a rebuild; DALI prefetches `prefetch` batches
+    ahead. state() is a DALI checkpoint (random generators and position): a new loader restored
+    from it continues exactly, mid-epoch too.
+    """
 
     def __init__(
         self,
         split: Split,
-        order: np.ndarray,
+        order_of: Callable[[int], np.ndarray],
         recipes: list[str],
         batch: int,
         cfg: dict,
         rank: int,
         world: int,
-        seed: int,
         device: torch.device,
         train: bool,
+        epoch: int = 0,
         skip: int = 0,
+        state: dict | None = None,
     ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-        self.split, self.batch, self.skip = split, batch, skip
-        self.files = [split.files[i] for i in order]
-        n = len(self.files)
-        self.shard = (n * rank // world, n * (rank + 1) // world)  # as DALI's reader splits
+            from nvidia.dali.plugin.pytorch import DALIGenericIterator
+        self.split, self.order_of, self.batch, self.train = split, order_of, batch, train
+        self.rank, self.world = rank, world
+        self.max_steps = cfg["max_steps"] if train else cfg["max_eval_batches"]  # ends the epoch: reset works
+        self.first_epoch = state["first_epoch"] if state else epoch
+        self._shards: dict[int, np.ndarray] = {}
+        self.read_ahead = cfg["prefetch"]
+        self._pool = ThreadPoolExecutor(self.read_ahead, thread_name_prefix="read-ahead")
+        self._reads: dict[tuple[int, int], Future] = {}
         gpu = device.type == "cuda"
         opts = dict(
             size=cfg["image_size"],
@@ -251,53 +267,89 @@ class DaliLoader:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             self.pipe = _dali_pipeline(
-                self.files,
-                [int(split.labels[i]) for i in order],
-                split.root,
-                rank,
-                world,
+                _weak_source(self),
                 recipes,
                 "mixed" if gpu else "cpu",
                 opts,
                 batch_size=batch,
                 num_threads=max(1, cfg["workers"]),
                 device_id=device.index or 0 if gpu else None,
-                seed=seed,
-                prefetch_queue_depth=2,
+                seed=_mix_seed(cfg["seed"], epoch, rank, int(train)),
+                prefetch_queue_depth=cfg["prefetch"],
+                checkpoint=state["dali"] if state else None,
             )
             self.pipe.build()
         self.n_views = len(recipes)
-        self.iterator = DALIGenericIterator(
-            self.pipe,
-            [f"v{i}" for i in range(len(recipes))] + ["label"],
-            reader_name="Reader",
-            last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL,
-            auto_reset=False,
-        )
-        self.steps = (self.shard[1] - self.shard[0]) // batch if train else -(-(self.shard[1] - self.shard[0]) // batch)
+        self.iterator = DALIGenericIterator(self.pipe, [f"v{i}" for i in range(len(recipes))] + ["label"])
+        self.epoch, self.skip, self.at_end = epoch, skip, False
+        self.replay = 0 if state else skip  # restored: the pipeline is already at step `skip`
+
+    def shard(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices of `epoch`, in order."""
+        if epoch not in self._shards:
+            order = self.order_of(epoch)
+            n = len(order)
+            self._shards = {epoch: order[n * self.rank // self.world : n * (self.rank + 1) // self.world]}
+        return self._shards[epoch]
+
+    def steps_of(self, epoch: int) -> int:
+        n = len(self.shard(epoch))
+        steps = n // self.batch if self.train else -(-n // self.batch)
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def _read(self, epoch: int, step: int):
+        idx = self.shard(epoch)[step * self.batch : (step + 1) * self.batch]
+        files = [np.fromfile(self.split.full_path(int(i)), np.uint8) for i in idx]
+        return files, [np.array([self.split.labels[i]], np.int64) for i in idx]
+
+    def _source(self, info):
+        """The encoded files and labels of batch `info.iteration` of the pipeline's epoch `info.epoch_idx`.
+
+        DALI calls this on the training loop's thread; the files of this and the next `prefetch`
+        batches are read by a thread pool, so the loop does not wait on storage.
+        """
+        epoch = self.first_epoch + info.epoch_idx
+        steps = self.steps_of(epoch)
+        if info.iteration >= steps:
+            raise StopIteration
+        for step in range(info.iteration, min(steps, info.iteration + 1 + self.read_ahead)):
+            if (epoch, step) not in self._reads:
+                self._reads[(epoch, step)] = self._pool.submit(self._read, epoch, step)
+        return self._reads.pop((epoch, info.iteration)).result()
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Iterate `epoch` next, from its step `skip`; epochs follow one another (the pipeline's own count)."""
+        following = self.epoch + 1 if self.at_end else self.epoch
+        if epoch != following:
+            raise ValueError(f"set_epoch({epoch}): this DALI pipeline continues with epoch {following}")
+        self.epoch, self.skip, self.replay = epoch, skip, skip
+
+    def state(self) -> dict:
+        return {"first_epoch": self.first_epoch, "dali": self.iterator.checkpoints()[0]}
 
     def __len__(self) -> int:
-        return self.steps - self.skip
+        return self.steps_of(self.epoch) - self.skip
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        if self.at_end:
+            self.iterator.reset()
+            self.at_end = False
         step = 0
         it = iter(self.iterator)
         while True:
             try:
                 out = next(it)[0]
             except StopIteration:
+                self.at_end = True
                 return
             except RuntimeError as e:
-                lo = self.shard[0] + step * self.batch
-                window = self.files[lo : min(self.shard[1], lo + 4 * self.batch)]
-                bad = find_unreadable([self.split.root / f for f in window]) or find_unreadable(
-                    [self.split.root / f for f in self.files[self.shard[0] : self.shard[1]]]
-                )
+                shard = [self.split.full_path(int(i)) for i in self.shard(self.epoch)]
+                bad = find_unreadable(shard[step * self.batch : (step + 4) * self.batch]) or find_unreadable(shard)
                 if bad is not None:
                     raise DataError(f"cannot decode image {bad}") from e
                 raise
             step += 1
-            if step <= self.skip:
+            if step <= self.replay:  # a resume without the pipeline's state: replay the skipped batches
                 continue
             yield [out[f"v{i}"] for i in range(self.n_views)], out["label"].reshape(-1).long()
 
@@ -315,7 +367,7 @@ def _torch_view(recipe: str, cfg: dict):
     def jitter(b, c, s, h, p):
         return T.RandomApply([T.ColorJitter(b, c, s, h)], p=p)
 
-    blur = T.RandomApply([T.GaussianBlur(_blur_window(size), sigma=(0.1, 2.0))], p=0.5)
+    blur = T.RandomApply([_PilGaussianBlur(0.1, 2.0)], p=0.5)
     after = []  # tensor operations, after the PIL ones
     if recipe == "center":
         ops = [T.Resize(cfg["eval_resize"]), T.CenterCrop(size)]
@@ -351,8 +403,24 @@ def _torch_view(recipe: str, cfg: dict):
             ops += [T.RandomGrayscale(0.2), blur]
         hparams = {"translate_pct": 0.45, "img_mean": (fill,) * 3, "interpolation": Image.BILINEAR}
         ops += [rand_augment_transform(f"rand-n{cfg['randaug_n']}-m{cfg['randaug_m']}-mstd0.5", hparams)]
+    # PIL images until the end: decoded as PIL, and PIL's own blur (the official one) takes PIL images
     ops = [*ops, T.ToImage(), *after, T.ToDtype(torch.float32, scale=True), T.Normalize(cfg["mean"], cfg["std"])]
     return T.Compose(ops)
+
+
+class _PilGaussianBlur(torch.nn.Module):
+    """PIL's Gaussian blur with sigma ~ U(lo, hi), as the official SimCLR / MoCo / PaCo code draws it
+    (PIL's radius is the standard deviation); sigma is drawn from torch's generator."""
+
+    def __init__(self, lo: float, hi: float):
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def forward(self, img):
+        from PIL import ImageFilter
+
+        sigma = self.lo + (self.hi - self.lo) * float(torch.rand(()))
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
 class _Cutout(torch.nn.Module):
@@ -410,40 +478,51 @@ class _ViewDataset(torch.utils.data.Dataset):
 
 
 class TorchLoader:
-    """The torchvision fallback: the same shard, order and batch shapes as DaliLoader."""
+    """The torchvision fallback: the same shard, order and batch shapes as DaliLoader (a DataLoader per epoch)."""
 
     def __init__(
         self,
         split: Split,
-        order: np.ndarray,
+        order_of: Callable[[int], np.ndarray],
         recipes: list[str],
         batch: int,
         cfg: dict,
         rank: int,
         world: int,
-        seed: int,
         device: torch.device,
         train: bool,
+        epoch: int = 0,
         skip: int = 0,
+        state: dict | None = None,
     ):
+        self.split, self.order_of, self.batch, self.cfg = split, order_of, batch, cfg
+        self.rank, self.world, self.device, self.train = rank, world, device, train
+        self.transforms = [_torch_view(r, cfg) for r in recipes]
+        self.set_epoch(epoch, skip)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        order = self.order_of(epoch)
         n = len(order)
-        shard = order[n * rank // world : n * (rank + 1) // world]
-        if train:
-            shard = shard[: len(shard) // batch * batch]
+        shard = order[n * self.rank // self.world : n * (self.rank + 1) // self.world]
+        if self.train:
+            shard = shard[: len(shard) // self.batch * self.batch]
         self.skip = skip
-        self.dataset = _ViewDataset(split, shard, [_torch_view(r, cfg) for r in recipes], seed)
-        self.steps = len(shard) // batch if train else -(-len(shard) // batch)
-        sampler = range(skip * batch, len(shard))
+        seed = _mix_seed(self.cfg["seed"], epoch, self.rank, int(self.train))
+        self.dataset = _ViewDataset(self.split, shard, self.transforms, seed)
+        self.steps = len(shard) // self.batch if self.train else -(-len(shard) // self.batch)
+        workers = self.cfg["workers"]
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
-            batch_size=batch,
-            sampler=sampler,
-            num_workers=cfg["workers"],
-            pin_memory=device.type == "cuda",
-            drop_last=train,
-            persistent_workers=False,
+            batch_size=self.batch,
+            sampler=range(skip * self.batch, len(shard)),
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=self.train,
+            prefetch_factor=self.cfg["prefetch"] if workers else None,
         )
-        self.device = device
+
+    def state(self) -> None:
+        return None  # the augmentation depends on (seed, epoch, rank, position) only
 
     def __len__(self) -> int:
         return self.steps - self.skip
@@ -454,16 +533,34 @@ class TorchLoader:
 
 
 def make_loader(
-    cfg: dict, split: Split, *, train: bool, epoch: int, rank: int, world: int, device: torch.device, skip: int = 0
+    cfg: dict,
+    split: Split,
+    *,
+    train: bool,
+    epoch: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    skip: int = 0,
+    state: dict | None = None,
 ):
-    """This rank's loader for one training epoch (train=True) or for evaluation."""
+    """This rank's loader, set to training epoch `epoch` from step `skip` (train=True), or for evaluation.
+
+    A training loader serves later epochs too: loader.set_epoch(e). `state` (from loader.state()
+    of an earlier run) restores the DALI pipeline where it was.
+    """
     batch = cfg["batch_size"] // world
     if train:
-        order = epoch_order(len(split), cfg["seed"], epoch, world, batch)
+
+        def order_of(e: int) -> np.ndarray:
+            return epoch_order(len(split), cfg["seed"], e, world, batch)
+
         recipes = view_recipes(cfg)
     else:
-        order = np.arange(len(split))
+
+        def order_of(e: int) -> np.ndarray:
+            return np.arange(len(split))
+
         recipes = ["center"]
-    seed = _mix_seed(cfg["seed"], epoch, rank, int(train))
     cls = DaliLoader if cfg["data_loader"] == "dali" else TorchLoader
-    return cls(split, order, recipes, batch, cfg, rank, world, seed, device, train, skip)
+    return cls(split, order_of, recipes, batch, cfg, rank, world, device, train, epoch, skip, state)

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from acl_kernels.distributed import loss_group
+
 from . import config as config_mod
 from .data import _mix_seed, make_loader
 from .datasets import check_shards, class_counts, prepare
@@ -43,6 +45,8 @@ def setup_distributed(cfg: dict) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if want_cuda else "gloo")
+    if world > 1:
+        loss_group()  # made here, at the same point on every rank
     return rank, world, device
 
 
@@ -81,11 +85,19 @@ def save_atomic(obj, path: Path) -> None:
 
 
 class _Stop:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and stops."""
+    """SIGTERM sets a flag; the loop saves a checkpoint and stops at the next step that checks it.
 
-    def __init__(self):
+    One process checks after every step (reading a flag). Under DDP every rank must stop at the
+    same step, so ranks agree by an all-reduce of the flags every `every` steps and at an epoch's
+    last step `steps`, on a gloo group of CPU tensors: the check never waits on the GPU, and costs
+    one small CPU collective per `every` steps.
+    """
+
+    def __init__(self, every: int = 1, steps: int = 0):
         self.flag = False
+        self.every, self.steps = every, steps
         self.previous = None
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         with contextlib.suppress(ValueError):  # not the main thread: no handler
             self.previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -96,12 +108,39 @@ class _Stop:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
 
-    def requested(self, device: torch.device) -> bool:
-        if not dist.is_initialized():
+    def requested(self, step: int) -> bool:
+        """Whether to stop after `step` (1-based steps of the epoch)."""
+        if self.group is None:
             return self.flag
-        t = torch.tensor([float(self.flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        if step % self.every and step != self.steps:
+            return False
+        t = torch.tensor([float(self.flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)  # every rank stops at the same step
         return bool(t.item())
+
+
+def _check_mid_epoch_resume(ck: dict, world: int, batch_size: int, path) -> None:
+    """A checkpoint saved mid-epoch continues that epoch's shards: only with the same ranks and batch.
+
+    Each rank's shard of the epoch order, its position in it, and its augmentation seed all depend
+    on the world size and the per-rank batch; another split would repeat some images and skip others.
+    """
+    saved_world, saved_batch = ck.get("world", 1), ck["config"]["batch_size"]
+    if (saved_world, saved_batch) != (world, batch_size):
+        raise config_mod.ConfigError(
+            f"resume {path}: the checkpoint was saved mid-epoch (epoch {ck['epoch'] + 1}, step {ck['step']}) by "
+            f"{saved_world} rank(s) with batch_size={saved_batch}; this run has {world} rank(s) with "
+            f"batch_size={batch_size}. A mid-epoch resume needs the same world size and batch size "
+            f"(epoch-end checkpoints resume with any)"
+        )
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, as DDP sends them before each
+    forward: evaluation on every rank then uses the statistics of the checkpoint rank 0 saves."""
+    if dist.is_initialized():
+        for b in model.buffers():
+            dist.broadcast(b, 0)
 
 
 # ------------------------------------------------------------------------------------ logs
@@ -212,13 +251,16 @@ def evaluate(
     world: int,
     device: torch.device,
     autocast,
+    loader=None,
 ) -> dict:
-    """Top-1 of the raw classifier (no logit compensation) on this rank's shard, summed over ranks."""
+    """Top-1 of the raw classifier (no logit compensation) on this rank's shard, summed over ranks.
+
+    `loader`: an evaluation loader of an earlier call, to run again (DALI: no pipeline rebuild)."""
     net = _unwrap(model)
     net.eval()
     correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
     total = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    loader = make_loader(cfg, val, train=False, epoch=0, rank=rank, world=world, device=device)
+    loader = loader or make_loader(cfg, val, train=False, epoch=0, rank=rank, world=world, device=device)
     for i, (views, labels) in enumerate(loader):
         if cfg["max_eval_batches"] and i >= cfg["max_eval_batches"]:
             break
@@ -284,7 +326,7 @@ def train(cfg: dict) -> dict:
     )
     autocast, scaler = autocast_factory(cfg, device)
 
-    start_epoch, start_step, best, best_epoch = 0, 0, -1.0, 0
+    start_epoch, start_step, best, best_epoch, loader_state = 0, 0, -1.0, 0, None
     resume = cfg["resume"]
     if resume == "auto":
         resume = str(out / CHECKPOINT) if (out / CHECKPOINT).is_file() else ""
@@ -297,6 +339,11 @@ def train(cfg: dict) -> dict:
             scaler.load_state_dict(ck["scaler"])
         start_epoch, start_step, best = ck["epoch"], ck["step"], ck["best_top1"]
         best_epoch = ck.get("best_epoch", 0)
+        if start_step:
+            _check_mid_epoch_resume(ck, world, cfg["batch_size"], resume)
+        states = ck.get("loader") or []
+        if len(states) == world and ck["config"]["data_loader"] == cfg["data_loader"]:
+            loader_state = states[rank]
         if main:
             print(f"resumed from {resume}: epoch {start_epoch}, step {start_step}")
 
@@ -307,9 +354,13 @@ def train(cfg: dict) -> dict:
         net = torch.compile(net)
 
     logs = Logs(out, cfg, num_classes, start_epoch, main)
-    stop = _Stop()
+    stop = _Stop(cfg["stop_check_every"], steps)
 
     def checkpoint(epoch: int, step: int) -> None:
+        state = loader.state()  # every rank's loader (DALI: the pipeline's random state and position)
+        states = [state] * world
+        if world > 1 and state is not None:
+            dist.all_gather_object(states, state)
         if main:
             save_atomic(
                 {
@@ -322,6 +373,8 @@ def train(cfg: dict) -> dict:
                     "best_top1": best,
                     "best_epoch": best_epoch,
                     "num_classes": num_classes,
+                    "world": world,
+                    "loader": states if state is not None else None,
                     "config": {k: cfg[k] for k in config_mod.DEFAULTS},
                 },
                 out / CHECKPOINT,
@@ -338,13 +391,24 @@ def train(cfg: dict) -> dict:
         )
     report: dict = {}
     done = start_epoch  # epochs completed
+    loader = make_loader(
+        cfg,
+        train_split,
+        train=True,
+        epoch=start_epoch,
+        rank=rank,
+        world=world,
+        device=device,
+        skip=start_step,
+        state=loader_state,
+    )  # one loader for the whole run (and one for evaluation): DALI's pipelines are built once
+    val_loader = None
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             skip = start_step if epoch == start_epoch else 0
             torch.manual_seed(_mix_seed(cfg["seed"], epoch, rank))
-            loader = make_loader(
-                cfg, train_split, train=True, epoch=epoch, rank=rank, world=world, device=device, skip=skip
-            )
+            if epoch > start_epoch:
+                loader.set_epoch(epoch)
             net.train()
             t0, seen, loss_sum, n_loss = time.perf_counter(), 0, torch.zeros((), device=device), 0
             bar = _progress(main and cfg["progress"], steps - skip, f"epoch {epoch + 1}/{cfg['epochs']}")
@@ -377,7 +441,7 @@ def train(cfg: dict) -> dict:
                         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
                         logs.scalar("train/loss", loss.item(), epoch * steps + step)
                         logs.scalar("train/images_per_s", rate, epoch * steps + step)
-                if stop.requested(device):
+                if stop.requested(step):
                     if bar is not None:
                         bar.close()
                     checkpoint(epoch, step)
@@ -399,7 +463,14 @@ def train(cfg: dict) -> dict:
             }
             per_class = None
             if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
-                report = evaluate(net, cfg, val_split, num_classes, counts, rank, world, device, autocast)
+                broadcast_buffers(model)
+                if val_loader is None:
+                    val_loader = make_loader(
+                        cfg, val_split, train=False, epoch=0, rank=rank, world=world, device=device
+                    )
+                report = evaluate(
+                    net, cfg, val_split, num_classes, counts, rank, world, device, autocast, loader=val_loader
+                )
                 row.update({k: report[k] for k in ("top1", "many", "medium", "few")})
                 per_class = report["per_class"]
                 if report["top1"] > best:  # selection on the validation split; its weights kept for the test

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from acl_kernels import ACLLoss, GPaCoLoss, PaCoLoss, SupConLoss
+from acl_kernels.distributed import loss_group
 
 from .models import key_encoder, momentum_update
 
@@ -21,9 +22,9 @@ def _distributed() -> bool:
 
 
 def _group_kwargs(cls) -> dict:
-    """process_group=WORLD where the loss supports a global batch across ranks, else per-rank loss."""
+    """The loss's own group of every rank where it supports a global batch across ranks, else per-rank loss."""
     if _distributed() and "process_group" in inspect.signature(cls.__init__).parameters:
-        return {"process_group": dist.group.WORLD}
+        return {"process_group": loss_group()}
     return {}
 
 
@@ -33,7 +34,7 @@ def gather(x: Tensor) -> Tensor:
     if not _distributed():
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.contiguous(), group=loss_group())
     return torch.cat(parts)
 
 
