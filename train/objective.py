@@ -98,8 +98,10 @@ class Objective(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(2, dtype=torch.long))  # (next slot, rows filled)
 
     def _queue(self) -> tuple[Tensor, Tensor]:
+        """Copies of the filled rows: the loss's backward must see the rows of its forward, not the
+        keys `_enqueue` writes into the buffer before the backward runs."""
         n = int(self.queue_ptr[1])
-        return self.queue[:n], self.queue_labels[:n]
+        return self.queue[:n].clone(), self.queue_labels[:n].clone()
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor, labels: Tensor) -> None:
