@@ -130,7 +130,7 @@ def measure(cfg: dict, args, rank: int, world: int, device) -> dict:
     from train.models import Model
     from train.objective import PROJECTING, Objective
 
-    train_split, _, num_classes = prepare(cfg)
+    train_split, _, _, num_classes = prepare(cfg)
     torch.manual_seed(cfg["seed"])
     proj = cfg["proj_dim"] if cfg["loss"] in PROJECTING else 0
     model = Model(cfg["arch"], num_classes, cfg["head"], proj).to(device)

@@ -38,6 +38,7 @@ def _stats(root, loader: str) -> dict:
         root,
         *("--data-loader", loader, "--views", "randaug", "--n-views", "1", "--image-size", "32"),
         *("--batch-size", "64", "--mean", ",".join(map(str, MEAN)), "--std", ",".join(map(str, STD))),
+        *("--max-steps", "0"),  # the whole epoch (small_cfg stops after 2 steps)
     )
     split = datasets.read_split(root / "split.txt", root)
     batches = make_loader(cfg, split, train=True, epoch=0, rank=0, world=1, device=torch.device("cpu"))

@@ -50,8 +50,9 @@ class Tiles(NamedTuple):
 # Per kernel, element size (2: bf16/fp16, 4: fp32/tf32) and feature-width class: the first entry is
 # the default, the rest the autotune set. Forward: whole-d tiles up to D = 256 (the anchor tile stays
 # in shared memory for the program); backward: a [BLOCK_M, D] fp32 accumulator, so narrower row tiles
-# at D = 256 and beyond, and 8 warps where 4 would spill it (ptxas). 4-byte data: smaller tiles or fewer stages, so that every config fits the
-# 227 KiB of shared memory one H100 block may use (the sm90 compile test checks each one).
+# at D = 256 and beyond, and 8 warps where 4 would spill it (ptxas). 4-byte data: smaller tiles or
+# fewer stages, so that every config fits the 227 KiB of shared memory one H100 block may use (the
+# sm90 compile test checks each one).
 TILES = {
     ("fwd", 2): {
         128: [Tiles(128, 128, 8, 3), Tiles(128, 64, 8, 3), Tiles(64, 128, 8, 3)],
@@ -83,6 +84,10 @@ def tile_set(kind: str, dtype: torch.dtype, D: int) -> list[Tiles]:
 
 # Under the interpreter: one small config, so that the tests' small batches span several tiles.
 INTERPRET_TILES = Tiles(32, 32, 4, 1)
+# The sorted copy of the rows is zero-padded to a multiple of ROW_ALIGN features, so every row
+# starts 16-byte aligned and the kernels are always the specialisation with d divisible by 16
+# (unaligned rows cost registers: spills at d = 100 on sm_90).
+ROW_ALIGN = 16
 WHOLE_D_MAX = 256  # beyond: the similarity in chunks of CHUNK_K, the backward output in chunks of WHOLE_D_MAX
 CHUNK_K = 128
 
@@ -175,7 +180,7 @@ def _centre_targets(beta: float, smooth: float, n_cls: int, aligned: bool) -> tu
 class _Sorted(NamedTuple):
     """The contrast rows sorted by label (stable), and what the kernels need of them."""
 
-    zs: Tensor  # [M, d] sorted rows
+    zs: Tensor  # [M, dp] sorted rows, zero-padded to dp = d rounded up to ROW_ALIGN
     y: Tensor  # [M] int32 sorted labels
     band: Tensor  # [2, M] int32 first / one-past-last sorted position of each row's label
     bias: Tensor  # [2, M] fp32 log2 of the weight of each column for its own label / another label
@@ -191,7 +196,9 @@ def _sort(zc: Tensor, labels: Tensor, w_same: Tensor, w_other: Tensor) -> _Sorte
     w = torch.stack([w_same, w_other]).to(device=zc.device, dtype=torch.float32)[:, perm]
     where = torch.empty_like(perm)
     where[perm] = torch.arange(perm.shape[0], device=perm.device)
-    return _Sorted(zc[perm].contiguous(), ys.to(torch.int32), band.contiguous(), w.log2().contiguous(), perm, where)
+    d = zc.shape[1]
+    zs = torch.nn.functional.pad(zc[perm], (0, -d % ROW_ALIGN))  # the copy the sort makes anyway
+    return _Sorted(zs.contiguous(), ys.to(torch.int32), band.contiguous(), w.log2().contiguous(), perm, where)
 
 
 def _row_set(srt: _Sorted, rows: Tensor) -> Tensor:
@@ -270,6 +277,7 @@ def fwd(
         )  # fmt: skip
     srt = _sort(zc, labels, w_same, w_other)
     arow = _row_set(srt, torch.arange(first, end, device=dev))
+    d = srt.zs.shape[1]
     D = feature_block(d)
     consts = sample_constexprs(zc.dtype, aligned, D, INTERPRET, torch.backends.cuda.matmul.allow_tf32)
     _launch(
@@ -363,18 +371,22 @@ def bwd(
         if n_out > 0:
             k2 = LOG2E / temperature
             srt = _sort(zc, labels, w_same, w_other)
+            dp = srt.zs.shape[1]
+            dzp = dzc if dp == d else _empty((n_out, dp), z.dtype, dev)
             rows = torch.arange(n_out, device=dev) if out_rows is None else out_rows.to(dev)
             orow = _row_set(srt, rows)
             rowv, scal = _backward_rows(srt, stats, coef, n_anchor, aligned, zc.dtype, k2, temperature)
-            D = feature_block(d)
+            D = feature_block(dp)
             consts = sample_constexprs(zc.dtype, aligned, D, INTERPRET, torch.backends.cuda.matmul.allow_tf32)
             block_do = min(D, WHOLE_D_MAX)
-            grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(d, block_do))  # noqa: E731
+            grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(dp, block_do))  # noqa: E731
             _launch(
                 K._bwd_kernel, "bwd", zc.dtype, D, grid,
-                (srt.zs, srt.y, srt.band, srt.bias, rowv, orow, scal, dzc, n_out, m_rows, d, k2, alpha),
-                dict(consts, BLOCK_DO=block_do, INT64=_int64(m_rows * d)),
+                (srt.zs, srt.y, srt.band, srt.bias, rowv, orow, scal, dzp, n_out, m_rows, dp, k2, alpha),
+                dict(consts, BLOCK_DO=block_do, INT64=_int64(m_rows * dp)),
             )  # fmt: skip
+            if dzp is not dzc:
+                dzc.copy_(dzp[:, :d])
         dz = (dzc[:n] if out_rows is None else dzc) if need_z else None
         dq = dzc[n:].clone() if need_queue else None  # outputs of an op may not alias
     if need_centres:
@@ -489,7 +501,7 @@ class Spec(NamedTuple):
     info: dict  # kernel, mode, dtype, d, centres, block_m, block_n, grid_multiplicity, loops, similarity_passes
 
 
-def _sample_spec(kind: str, name: str, d: int, mode: str, centres: bool, tiles: Tiles, d_hint: bool) -> Spec:
+def _sample_spec(kind: str, name: str, d: int, mode: str, centres: bool, tiles: Tiles) -> Spec:
     dtype, tf32 = DTYPE_NAMES[name]
     D = feature_block(d)
     t = "*" + _TL[dtype]
@@ -518,7 +530,7 @@ def _sample_spec(kind: str, name: str, d: int, mode: str, centres: bool, tiles: 
         consts["BLOCK_DO"] = min(D, WHOLE_D_MAX)
         loops = [band, loop("off-band", "off-band"), loop("off-band two-exp", 0.0)]
         kernel, multiplicity = K._bwd_kernel, triton.cdiv(D, consts["BLOCK_DO"])
-    attrs = {(i,): _PTR for i in range(8)} | ({(10,): _PTR} if d_hint else {})
+    attrs = {(i,): _PTR for i in range(8)} | {(10,): _PTR}  # d: a multiple of ROW_ALIGN
     info = {"kernel": kind, "mode": mode, "dtype": name, "d": d, "centres": centres, "block_m": tiles.block_m,
             "block_n": tiles.block_n, "grid_multiplicity": multiplicity, "loops": loops,
             "similarity_passes": gemm_passes(kind, mode, d)[0]}  # fmt: skip
@@ -547,22 +559,20 @@ def _centre_specs(name: str, mode: str, prior: bool):
 
 
 def specialisations(dtypes=("bf16", "fp16", "tf32"), dims=(128, 512), modes=("softmax", "aligned"),
-                    centres=(False, True), all_tiles=False, d_hint=(True,)):  # fmt: skip
+                    centres=(False, True), all_tiles=False):  # fmt: skip
     """Every kernel specialisation the launchers produce for these data types ("bf16", "fp16",
     "fp32", "tf32"), feature widths, modes and centre blocks: the default tiles of each width class
     (all_tiles: the whole autotune set), with the 16-divisibility hint of PyTorch allocations on the
-    pointers and, per `d_hint`, with or without it on d. Centre kernels come with centres=True."""
+    pointers and on d (the launchers pad the rows to ROW_ALIGN). Centre kernels come with centres=True."""
     for name in dtypes:
         for d in dims:
             dtype, D = DTYPE_NAMES[name][0], feature_block(d)
             for mode in modes:
                 for tiles in tile_set("fwd", dtype, D)[: None if all_tiles else 1]:
-                    for hint in d_hint:
-                        for c in centres:
-                            yield _sample_spec("fwd", name, d, mode, c, tiles, hint)
+                    for c in centres:
+                        yield _sample_spec("fwd", name, d, mode, c, tiles)
                 for tiles in tile_set("bwd", dtype, D)[: None if all_tiles else 1]:
-                    for hint in d_hint:
-                        yield _sample_spec("bwd", name, d, mode, any(centres), tiles, hint)
+                    yield _sample_spec("bwd", name, d, mode, any(centres), tiles)
         if True in centres and name != "tf32":
             for mode in modes:
                 for prior in (False, True):
@@ -573,13 +583,12 @@ def compile_set():
     """What the sm90 compile test builds, each specialisation once. Every autotune config of every
     width class and mode for bf16 and tf32 (2- and 4-byte data: fp16 and fp32 use the same shared
     memory or less); the centre variants with default tiles; fp16 and fp32 (ieee, slow to compile)
-    with default tiles at d = 128; the centre kernels for bf16; d without the divisibility hint."""
+    with default tiles at d = 128; the centre kernels for bf16."""
     seen = set()
     for spec in itertools.chain(
         specialisations(("bf16", "tf32"), (128, 256, 512), centres=(False,), all_tiles=True),
         specialisations(("bf16", "tf32"), (128,), centres=(True,)),
         specialisations(("fp16", "fp32"), (128,), centres=(False,)),
-        specialisations(("bf16",), (100,), centres=(False,), d_hint=(False,)),
     ):
         key = (spec.kernel, str(spec.signature), str(spec.constexprs), str(spec.attrs), str(spec.options))
         if key not in seen:
