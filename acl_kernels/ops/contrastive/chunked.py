@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .naive import masked_exp, masked_row_max
 from .problem import LossProblem, centre_block, compute_dtype, tile
 
 # Elements of one [chunk, C + M] tile; a few such tiles are alive at once.
@@ -23,30 +24,32 @@ def chunk_rows(n_anchor: int, n_cols: int) -> int:
 def row_statistics(l: Tensor, g: Tensor, t: Tensor, pos: Tensor, mode: str) -> tuple[Tensor, Tensor]:
     """Per-row (loss, stats) of a tile; stats [c, 4] = (shift m, log-mass, 1/A, R) as README.md.
 
-    softmax: mass = sum_k g e^(l - m) over the denominator, R unused.
-    aligned: mass = sum over negatives only, R = sum_p (t_p / A) / (e^(l_p - m) + mass).
+    softmax: m = max over the denominator, mass = sum_k g e^(l - m) over it, R unused.
+    aligned: m = max over the negatives (0 without any), mass = sum over the negatives,
+    R = sum_p (t_p / A) / (e^(l_p - m) + mass) (0 without negatives). A positive far above every
+    negative only makes e^(l_p - m) large, never the mass small: nothing overflows or underflows
+    into a NaN at tiny temperatures or for unnormalised features.
     """
     a = t.sum(1)
     inv_a = torch.where(a > 0, 1.0 / a.clamp_min(torch.finfo(a.dtype).tiny), 0.0)
-    keep = (g > 0) | pos
-    m = l.masked_fill(~keep, float("-inf")).amax(1)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(l - m[:, None])
-    zero = torch.zeros_like(a)
     if mode == "softmax":
-        mass = (g * e).sum(1)
+        den = g > 0
+        m = masked_row_max(l, den)
+        mass = (g * masked_exp(l - m[:, None], den)).sum(1)
         # mass == 0 only when the row has no denominator, hence no target and a zero loss
         log_mass = torch.where(mass > 0, torch.log(mass), 0.0)
         loss = torch.where(a > 0, m + log_mass - (t * l).sum(1) * inv_a, 0.0)
-        r = zero
-    else:
-        neg = (g > 0) & ~pos
-        mass = torch.where(neg, g * e, 0.0).sum(1)
-        log_mass = torch.log(mass)
-        denom = e + mass[:, None]
-        log_p = -torch.nn.functional.softplus(log_mass[:, None] - (l - m[:, None]))
-        loss = -torch.where(pos, t * log_p, 0.0).sum(1) * inv_a
-        r = torch.where(pos, t / denom, 0.0).sum(1) * inv_a
+        return loss, torch.stack([m, log_mass, inv_a, torch.zeros_like(a)], 1)
+    neg = (g > 0) & ~pos
+    m = masked_row_max(l, neg)
+    x = l - m[:, None]
+    mass = (g * masked_exp(x, neg)).sum(1)
+    log_mass = torch.log(mass)  # -inf without negatives: every log p is then 0
+    log_p = -torch.nn.functional.softplus(log_mass[:, None] - x)
+    loss = -torch.where(pos, t * log_p, 0.0).sum(1) * inv_a
+    # 1 / (e^x + mass) = e^-logaddexp(x, log mass): 0, not inf / inf, for a dominant positive
+    r = torch.where(pos, t * torch.exp(-torch.logaddexp(x, log_mass[:, None])), 0.0).sum(1) * inv_a
+    r = torch.where(mass > 0, r, 0.0)
     return loss, torch.stack([m, log_mass, inv_a, r], 1)
 
 
@@ -54,14 +57,14 @@ def dlogits(l: Tensor, g: Tensor, t: Tensor, pos: Tensor, stats: Tensor, coef: T
     """dL/dl of a tile from the row statistics; coef [c] = upstream gradient * loss scale."""
     m, log_mass, inv_a, r = stats.unbind(1)
     coef = torch.where(inv_a > 0, coef, 0.0)[:, None]
+    x = l - m[:, None]
     if mode == "softmax":
-        p = g * torch.exp(l - (m + log_mass)[:, None])
+        p = g * masked_exp(x - log_mass[:, None], g > 0)
         return coef * (p - t * inv_a[:, None])
-    e = torch.exp(l - m[:, None])
-    mass = torch.exp(log_mass)[:, None]
-    attract = -(t * inv_a[:, None]) * mass / (e + mass)
-    repel = g * e * r[:, None]
-    return coef * torch.where(pos, attract, torch.where(g > 0, repel, 0.0))
+    # d log p / d l_p = mass / (e^x + mass) = sigmoid(log mass - x): 0 without negatives
+    attract = -(t * inv_a[:, None]) * torch.sigmoid(log_mass[:, None] - x)
+    repel = g * masked_exp(x, (g > 0) & ~pos) * r[:, None]
+    return coef * torch.where(pos, attract, repel)
 
 
 def _chunks(rows: slice, n_cols: int):

@@ -40,7 +40,9 @@ class LossProblem:
     smooth: float
     w_other: Tensor  # [M] fp32: denominator weight g_ij of sample column j when y_j != y_i
     w_same: Tensor  # [M] fp32: denominator weight g_ij of sample column j when y_j == y_i (j != i)
-    pos_mask: Tensor | None = None  # [n_anchor, M] explicit positive weights (reference backend only)
+    # explicit positive weights: entry (i, j) = pos_mask[i % rows, j % cols], i.e. [n_anchor, M], or a
+    # [B, B] block tiled over the views (SupCon `mask=`); backends read it tile by tile
+    pos_mask: Tensor | None = None
     anchor_rows: slice | None = None  # anchors computed here (default all); centre_logits holds their rows
     own_rows: Tensor | None = None  # [n_own] int64 global rows of this process (None: single process)
 
@@ -111,7 +113,8 @@ def tile(
         pos_s = same & ~is_self
         t_s = pos_s.to(l_s.dtype) * p.alpha
     else:
-        mask = p.pos_mask[rows] if cols is None else p.pos_mask[rows][:, cols]
+        mask_rows, mask_cols = p.pos_mask.shape
+        mask = p.pos_mask[anchor_idx % mask_rows][:, col_idx % mask_cols]
         t_s = mask.to(l_s.dtype).masked_fill(is_self, 0.0) * p.alpha
         pos_s = t_s != 0
     if centre is None:
