@@ -188,13 +188,13 @@ def test_supcon_mask_is_read_chunk_by_chunk(rng, monkeypatch, contrast_mode):
     bsz, views, d = 24, 2, 8
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 5 * bsz * views)  # 5 anchor rows per chunk
     seen = []
-    tile = chunked.tile
+    weights_into = chunked.weights_into
 
-    def spy(p, rows, *args, **kw):
-        seen.append((tuple(p.pos_mask.shape), rows.stop - rows.start))
-        return tile(p, rows, *args, **kw)
+    def spy(p, rows, yc, g, *args, **kw):
+        seen.append((tuple(p.pos_mask.shape), g.shape[0]))
+        return weights_into(p, rows, yc, g, *args, **kw)
 
-    monkeypatch.setattr(chunked, "tile", spy)
+    monkeypatch.setattr(chunked, "weights_into", spy)
     feats = unit_rows(bsz, views, d, generator=rng).requires_grad_()
     mask = (torch.rand(bsz, bsz, generator=rng) < 0.3).float()
     kw = {"temperature": 0.2, "contrast_mode": contrast_mode}
