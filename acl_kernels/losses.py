@@ -150,6 +150,7 @@ class PaCoLoss(_CentreLoss):
     """
 
     anchors_are_queries_only = True
+    default_K = 128  # the official code's default queue size
 
     def __init__(
         self,
@@ -159,7 +160,7 @@ class PaCoLoss(_CentreLoss):
         supt: float = 1.0,
         temperature: float = 1.0,
         base_temperature: float | None = None,
-        K: int = 128,
+        K: int | None = None,  # None: default_K
         num_classes: int = 1000,
         smooth: float = 0.0,
         impl: str = "auto",
@@ -178,7 +179,7 @@ class PaCoLoss(_CentreLoss):
         )
         self.alpha, self.beta, self.gamma, self.supt = s["alpha"], s["beta"], s["gamma"], s["supt"]
         self.temperature, self.base_temperature = s["temperature"], s["base_temperature"]
-        self.K = checks.count("K", K, 0)
+        self.K = checks.count("K", self.default_K if K is None else K, 0)
         self.smooth = s["smooth"]
         self.impl = impl
         self.process_group = process_group
@@ -236,28 +237,11 @@ class GPaCoLoss(PaCoLoss):
     """GPaCo's loss (official GPaCo/LT PaCoLoss): like PaCo, but every in-batch row is an anchor.
 
     forward(features [N + K, d] = [views; queue], labels [N + K], sup_logits [N, C]); `smooth` is
-    the label smoothing of the centre target.
+    the label smoothing of the centre target. Same arguments as PaCoLoss; K defaults to 8192.
     """
 
     anchors_are_queries_only = False
-
-    def __init__(
-        self,
-        alpha: float,
-        beta: float = 1.0,
-        gamma: float = 1.0,
-        supt: float = 1.0,
-        temperature: float = 1.0,
-        base_temperature: float | None = None,
-        K: int = 8192,
-        num_classes: int = 1000,
-        smooth: float = 0.0,
-        impl: str = "auto",
-        process_group=None,
-    ):
-        super().__init__(
-            alpha, beta, gamma, supt, temperature, base_temperature, K, num_classes, smooth, impl, process_group
-        )
+    default_K = 8192
 
 
 class ACLLoss(_CentreLoss):
