@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -41,16 +43,43 @@ def labels(name: str, y, n: int, ref: Tensor, num_classes: int | None) -> Tensor
     return y.long()
 
 
+def number(name: str, v) -> float:
+    """A finite real number (int, float, or a one-element tensor); NaN and +-inf are refused."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, Tensor)) or (isinstance(v, Tensor) and v.numel() != 1):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
+    return v
+
+
 def positive(name: str, v: float) -> float:
+    v = number(name, v)
     if not v > 0:
         raise ValueError(f"{name} must be > 0, got {v}")
-    return float(v)
+    return v
 
 
 def non_negative(name: str, v: float) -> float:
+    v = number(name, v)
     if not v >= 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
-    return float(v)
+    return v
+
+
+def count(name: str, v, minimum: int) -> int:
+    """An int >= minimum (bools refused)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def flag(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be True or False, got {v!r}")
+    return v
 
 
 def choice(name: str, v: str, options: tuple[str, ...]) -> str:

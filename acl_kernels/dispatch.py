@@ -55,12 +55,6 @@ def _refusals(backend: Backend, p: LossProblem) -> list[str]:
     return reasons
 
 
-def _torch_refuses(p: LossProblem) -> list[str]:
-    if p.pos_mask is not None:
-        return ["an explicit positive mask (SupCon `mask=`) is only supported by impl='reference'"]
-    return []
-
-
 def _triton_backend() -> Backend:
     try:
         from .ops.contrastive import triton_backend
@@ -99,7 +93,7 @@ def backends() -> dict[str, Backend]:
         _BACKENDS = {
             "triton": _triton_backend(),
             "native": _native_backend(),
-            "torch": Backend("torch", chunked_loss, _torch_refuses, RowStats(anchor_statistics, grad_rows)),
+            "torch": Backend("torch", chunked_loss, lambda p: [], RowStats(anchor_statistics, grad_rows)),
             "reference": Backend("reference", reference_loss, lambda p: [], autograd_exact=True),
         }
     return _BACKENDS

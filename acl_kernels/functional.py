@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import checks, distributed
-from .dispatch import select
+from .dispatch import IMPLS, select
 from .ops.contrastive.problem import MODES, LossProblem
 
 NEGATIVE_WEIGHTS = ("none", "batch", "prior")
@@ -86,8 +86,9 @@ def contrastive_loss(
         target beta on the own class (label smoothing `smooth` spreads it, softmax mode only).
     alpha, gamma: target weight of sample positives; weight of the sample block in the denominator.
     negative_weight: "none" | "batch" (1 / class count) | "prior" (class_prior^-kappa, mean 1).
-    pos_mask: [n_anchor, N + K] explicit positive weights replacing the label test (SupCon `mask=`;
-        reference backend only).
+    pos_mask: [n_anchor, N + K] explicit positive weights replacing the label test, or a [B, B]
+        block tiled over the views (SupCon `mask=`: entry (i, j) = pos_mask[i % B, j % B], B dividing
+        n_anchor and N + K); the torch backend reads it one row chunk at a time.
     reduction: "mean" over anchors (anchors without a positive count as 0) | "sum" | "none" ([n_anchor]).
     impl: "auto" | "triton" | "torch" | "reference" (see acl_kernels.dispatch).
     check_finite: raise on NaN/Inf inputs (one device sync); turn off for speed. Under torch.compile
@@ -206,6 +207,45 @@ def _global_loss(features: Tensor, labels: Tensor, kwargs: dict, impl: str, grou
     return total / layout.n_anchor if checked.reduction == "mean" else total
 
 
+def check_settings(
+    *,
+    mode: str = "softmax",
+    temperature: float = 0.07,
+    base_temperature: float | None = None,
+    supt: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    smooth: float = 0.0,
+    negative_weight: str = "none",
+    kappa: float = 1.0,
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> dict:
+    """The scalar settings of `contrastive_loss`, checked and normalised (floats; base_temperature
+    resolved). The presets call it in their constructors, so a bad option fails there, not at the
+    first forward. Every number must be finite."""
+    temperature = checks.positive("temperature", temperature)
+    base_temperature = temperature if base_temperature is None else base_temperature
+    smooth = checks.number("smooth", smooth)
+    if not 0 <= smooth < 1:
+        raise ValueError(f"smooth must be in [0, 1), got {smooth}")
+    return dict(
+        mode=checks.choice("mode", mode, MODES),
+        temperature=temperature,
+        base_temperature=checks.positive("base_temperature", base_temperature),
+        supt=checks.positive("supt", supt),
+        alpha=checks.non_negative("alpha", alpha),
+        beta=checks.non_negative("beta", beta),
+        gamma=checks.non_negative("gamma", gamma),
+        smooth=smooth,
+        negative_weight=checks.choice("negative_weight", negative_weight, NEGATIVE_WEIGHTS),
+        kappa=checks.non_negative("kappa", kappa),
+        reduction=checks.choice("reduction", reduction, REDUCTIONS),
+        impl=checks.choice("impl", impl, IMPLS),
+    )
+
+
 def _check(
     features: Tensor,
     labels: Tensor,
@@ -235,19 +275,23 @@ def _check(
     n, d = features.shape
     if n == 0 or d == 0:
         raise ValueError(f"features must be a non-empty [N, d] tensor, got shape {tuple(features.shape)}")
-    mode = checks.choice("mode", mode, MODES)
-    reduction = checks.choice("reduction", reduction, REDUCTIONS)
-    negative_weight = checks.choice("negative_weight", negative_weight, NEGATIVE_WEIGHTS)
-    temperature = checks.positive("temperature", temperature)
-    base_temperature = temperature if base_temperature is None else base_temperature
-    base_temperature = checks.positive("base_temperature", base_temperature)
-    supt = checks.positive("supt", supt)
-    alpha = checks.non_negative("alpha", alpha)
-    beta = checks.non_negative("beta", beta)
-    gamma = checks.non_negative("gamma", gamma)
-    kappa = checks.non_negative("kappa", kappa)
-    if not 0 <= smooth < 1:
-        raise ValueError(f"smooth must be in [0, 1), got {smooth}")
+    settings = check_settings(
+        mode=mode,
+        temperature=temperature,
+        base_temperature=base_temperature,
+        supt=supt,
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+        smooth=smooth,
+        negative_weight=negative_weight,
+        kappa=kappa,
+        reduction=reduction,
+    )
+    mode, temperature, base_temperature = settings["mode"], settings["temperature"], settings["base_temperature"]
+    supt, alpha, beta, gamma = settings["supt"], settings["alpha"], settings["beta"], settings["gamma"]
+    smooth, negative_weight, kappa = settings["smooth"], settings["negative_weight"], settings["kappa"]
+    reduction = settings["reduction"]
     n_anchor = n if n_anchor is None else int(n_anchor)
     if not 1 <= n_anchor <= n:
         raise ValueError(f"n_anchor must be in [1, {n}] (the number of feature rows), got {n_anchor}")
@@ -314,8 +358,13 @@ def _check(
             raise ValueError("class_prior must be > 0 for every class")
     if pos_mask is not None:
         pos_mask = checks.tensor("pos_mask", pos_mask, ndim=2)
-        if tuple(pos_mask.shape) != (n_anchor, n + k):
-            raise ValueError(f"pos_mask must have shape [{n_anchor}, {n + k}], got {tuple(pos_mask.shape)}")
+        rows, cols = pos_mask.shape
+        tiled = rows == cols and rows > 0 and n_anchor % rows == 0 and (n + k) % cols == 0
+        if (rows, cols) != (n_anchor, n + k) and not tiled:
+            raise ValueError(
+                f"pos_mask must have shape [{n_anchor}, {n + k}], or [B, B] with B dividing both, "
+                f"got {tuple(pos_mask.shape)}"
+            )
         checks.same_device("pos_mask", pos_mask, features, "features")
 
     weigh = functools.partial(

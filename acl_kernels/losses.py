@@ -8,11 +8,13 @@ in `contrastive_loss`'s docstring).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from . import checks, distributed
-from .functional import contrastive_loss
+from .functional import check_settings, contrastive_loss
 
 
 def _views_to_rows(name: str, x: Tensor) -> Tensor:
@@ -20,6 +22,8 @@ def _views_to_rows(name: str, x: Tensor) -> Tensor:
     x = checks.tensor(name, x, floating=True)
     if x.dim() < 3:
         raise ValueError(f"{name} must be [bsz, n_views, ...] (at least 3 dimensions), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty [bsz, n_views, d] tensor, got shape {tuple(x.shape)}")
     x = x.reshape(x.shape[0], x.shape[1], -1)
     return x.transpose(0, 1).reshape(-1, x.shape[2])
 
@@ -29,17 +33,25 @@ class SupConLoss(nn.Module):
 
     forward(features [bsz, n_views, ...] unit rows, labels [bsz] or mask [bsz, bsz] or neither
     (SimCLR)). Anchors without a positive contribute 0 and count in the mean, as the current
-    official code does. An explicit `mask` is computed by the reference backend.
+    official code does. An explicit `mask` is read one row chunk at a time by the torch backend
+    (auto picks it for a mask, on CUDA too: the Triton kernels take labels only).
     Under a process group, without labels (SimCLR) each image is its own class across ranks, and
     `mask` is refused.
     """
 
-    def __init__(self, temperature: float = 0.07, contrast_mode: str = "all", base_temperature: float = 0.07,
-                 impl: str = "auto", process_group=None):
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        contrast_mode: str = "all",
+        base_temperature: float = 0.07,
+        impl: str = "auto",
+        process_group=None,
+    ):
         super().__init__()
-        self.temperature = temperature
+        settings = check_settings(temperature=temperature, base_temperature=base_temperature, impl=impl)
+        self.temperature = settings["temperature"]
         self.contrast_mode = checks.choice("contrast_mode", contrast_mode, ("all", "one"))
-        self.base_temperature = base_temperature
+        self.base_temperature = settings["base_temperature"]
         self.impl = impl
         self.process_group = process_group
 
@@ -53,8 +65,8 @@ class SupConLoss(nn.Module):
             mask = checks.tensor("mask", mask, ndim=2)
             if tuple(mask.shape) != (bsz, bsz):
                 raise ValueError(f"mask must have shape [bsz, bsz] = [{bsz}, {bsz}], got {tuple(mask.shape)}")
-            anchors = 1 if self.contrast_mode == "one" else n_views
-            pos_mask = mask.to(device=z.device, dtype=torch.float32).repeat(anchors, n_views)
+            # the [bsz, bsz] block, tiled over the views by the backend: nothing N x N is built
+            pos_mask = mask.to(device=z.device, dtype=torch.float32)
             labels = torch.zeros(bsz, dtype=torch.long, device=z.device)
         elif labels is None:
             first = 0
@@ -82,10 +94,9 @@ class _CentreLoss(nn.Module):
 
     def __init__(self, num_classes: int):
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes = num_classes
+        self.num_classes = checks.count("num_classes", num_classes, 1)
         self.weight: Tensor | None = None  # [1, C] training-set class frequencies, as the official code
+        self._warned_prior = False
 
     def cal_weight_for_classes(self, cls_num_list) -> None:
         """Set the class prior pi from per-class training counts (enables logit compensation)."""
@@ -95,6 +106,19 @@ class _CentreLoss(nn.Module):
         if not bool((counts >= 0).all()) or counts.sum() <= 0:
             raise ValueError("cls_num_list must hold non-negative counts with a positive total")
         self.weight = (counts / counts.sum()).view(1, self.num_classes)
+
+    def _warn_without_prior(self) -> None:
+        """PaCo/GPaCo: the official code needs cal_weight_for_classes (it adds log pi to the centre
+        logits); without it this preset computes the loss without that compensation, and says so once."""
+        if self.weight is None and not self._warned_prior:
+            self._warned_prior = True
+            warnings.warn(
+                f"{type(self).__name__}: cal_weight_for_classes(cls_num_list) was not called, so the centre "
+                "logits get no log-prior compensation (the official code requires it); call it with the "
+                "training-set class counts",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _log_prior(self, like: Tensor) -> Tensor | None:
         # log(pi + 1e-9) exactly as the official code, so values match to fp32 rounding
@@ -118,29 +142,63 @@ class PaCoLoss(_CentreLoss):
     anchors are the B query rows; the contrast set is every row but the anchor itself; the own
     class centre is a positive of weight beta, sample positives weigh alpha, the sample block is
     scaled by gamma in the denominator. After `cal_weight_for_classes`, log(pi) is added to the
-    centre logits (logit compensation).
+    centre logits (logit compensation); the official code fails without it, this preset warns once
+    (UserWarning) and computes the loss without compensation. `forward(..., mask=None, epoch=None)`
+    takes the official keywords, so `criterion(features, labels, logits, epoch=epoch)` runs unchanged.
     Under a process group the anchors are the query rows of every rank, the queue rows (replicated, the
     caller's) get no gradient.
     """
 
     anchors_are_queries_only = True
+    default_K = 128  # the official code's default queue size
 
-    def __init__(self, alpha: float, beta: float = 1.0, gamma: float = 1.0, supt: float = 1.0,
-                 temperature: float = 1.0, base_temperature: float | None = None, K: int = 128,
-                 num_classes: int = 1000, smooth: float = 0.0, impl: str = "auto", process_group=None):
+    def __init__(
+        self,
+        alpha: float,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        supt: float = 1.0,
+        temperature: float = 1.0,
+        base_temperature: float | None = None,
+        K: int | None = None,  # None: default_K
+        num_classes: int = 1000,
+        smooth: float = 0.0,
+        impl: str = "auto",
+        process_group=None,
+    ):
         super().__init__(num_classes)
-        self.alpha, self.beta, self.gamma, self.supt = alpha, beta, gamma, supt
-        self.temperature = temperature
-        self.base_temperature = temperature if base_temperature is None else base_temperature
-        if K < 0:
-            raise ValueError(f"K must be >= 0, got {K}")
-        self.K = K
-        self.smooth = smooth
+        s = check_settings(
+            temperature=temperature,
+            base_temperature=base_temperature,
+            alpha=alpha,
+            beta=beta,
+            gamma=gamma,
+            supt=supt,
+            smooth=smooth,
+            impl=impl,
+        )
+        self.alpha, self.beta, self.gamma, self.supt = s["alpha"], s["beta"], s["gamma"], s["supt"]
+        self.temperature, self.base_temperature = s["temperature"], s["base_temperature"]
+        self.K = checks.count("K", self.default_K if K is None else K, 0)
+        self.smooth = s["smooth"]
         self.impl = impl
         self.process_group = process_group
 
-    def forward(self, features: Tensor, labels: Tensor | None = None, sup_logits: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        features: Tensor,
+        labels: Tensor | None = None,
+        sup_logits: Tensor | None = None,
+        mask: Tensor | None = None,
+        epoch: int | None = None,
+    ) -> Tensor:
+        """The official forward's keywords: `epoch` is accepted and unused (as there); the official code
+        overwrites `mask` with the label test, so a mask is refused here rather than ignored."""
+        if mask is not None:
+            raise ValueError(f"{type(self).__name__} takes positives from labels; mask must be None")
         features = checks.tensor("features", features, ndim=2, floating=True)
+        if features.numel() == 0:
+            raise ValueError(f"features must be a non-empty [rows, d] tensor, got shape {tuple(features.shape)}")
         rows = features.shape[0] - self.K
         if rows < 1 + self.anchors_are_queries_only:
             raise ValueError(
@@ -151,6 +209,7 @@ class PaCoLoss(_CentreLoss):
             raise ValueError("labels is required")
         labels = checks.labels("labels", labels, features.shape[0], features, self.num_classes)
         n_anchor = rows // 2 if self.anchors_are_queries_only else rows
+        self._warn_without_prior()
         queue = features[rows:] if self.K else None
         if queue is not None and self.process_group is not None:
             queue = queue.detach()
@@ -178,16 +237,11 @@ class GPaCoLoss(PaCoLoss):
     """GPaCo's loss (official GPaCo/LT PaCoLoss): like PaCo, but every in-batch row is an anchor.
 
     forward(features [N + K, d] = [views; queue], labels [N + K], sup_logits [N, C]); `smooth` is
-    the label smoothing of the centre target.
+    the label smoothing of the centre target. Same arguments as PaCoLoss; K defaults to 8192.
     """
 
     anchors_are_queries_only = False
-
-    def __init__(self, alpha: float, beta: float = 1.0, gamma: float = 1.0, supt: float = 1.0,
-                 temperature: float = 1.0, base_temperature: float | None = None, K: int = 8192,
-                 num_classes: int = 1000, smooth: float = 0.0, impl: str = "auto", process_group=None):
-        super().__init__(alpha, beta, gamma, supt, temperature, base_temperature, K, num_classes, smooth, impl,
-                         process_group)
+    default_K = 8192
 
 
 class ACLLoss(_CentreLoss):
@@ -217,22 +271,50 @@ class ACLLoss(_CentreLoss):
     Under a process group the queue must be detached.
     """
 
-    def __init__(self, num_classes: int, temperature: float = 0.2, base_temperature: float | None = None,
-                 alpha: float = 0.05, beta: float = 1.0, gamma: float = 1.0, supt: float = 1.0,
-                 negative_weight: str = "batch", kappa: float = 1.0, logit_adjust: bool = True,
-                 impl: str = "auto", process_group=None):
+    def __init__(
+        self,
+        num_classes: int,
+        temperature: float = 0.2,
+        base_temperature: float | None = None,
+        alpha: float = 0.05,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        supt: float = 1.0,
+        negative_weight: str = "batch",
+        kappa: float = 1.0,
+        logit_adjust: bool = True,
+        impl: str = "auto",
+        process_group=None,
+    ):
         super().__init__(num_classes)
-        self.temperature = temperature
-        self.base_temperature = base_temperature
-        self.alpha, self.beta, self.gamma, self.supt = alpha, beta, gamma, supt
-        self.negative_weight = negative_weight
-        self.kappa = kappa
-        self.logit_adjust = logit_adjust
+        s = check_settings(
+            mode="aligned",
+            temperature=temperature,
+            base_temperature=base_temperature,
+            alpha=alpha,
+            beta=beta,
+            gamma=gamma,
+            supt=supt,
+            negative_weight=negative_weight,
+            kappa=kappa,
+            impl=impl,
+        )
+        self.temperature, self.base_temperature = s["temperature"], s["base_temperature"]
+        self.alpha, self.beta, self.gamma, self.supt = s["alpha"], s["beta"], s["gamma"], s["supt"]
+        self.negative_weight = s["negative_weight"]
+        self.kappa = s["kappa"]
+        self.logit_adjust = checks.flag("logit_adjust", logit_adjust)
         self.impl = impl
         self.process_group = process_group
 
-    def forward(self, features: Tensor, labels: Tensor, sup_logits: Tensor | None = None,
-                queue: Tensor | None = None, queue_labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        sup_logits: Tensor | None = None,
+        queue: Tensor | None = None,
+        queue_labels: Tensor | None = None,
+    ) -> Tensor:
         z = _views_to_rows("features", features)
         bsz, n_views = features.shape[0], features.shape[1]
         labels = checks.labels("labels", labels, bsz, z, self.num_classes).repeat(n_views)

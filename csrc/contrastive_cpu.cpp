@@ -141,9 +141,9 @@ void centre_forward(const Problem<T>& p, int64_t i, RowState<T>& st) {
   const T* u = p.u + (i - p.a0) * p.C;
   const int64_t yi = p.y[i];
   T m = no_max<T>();
-  for (int64_t c = 0; c < p.C; ++c) {
+  for (int64_t c = 0; c < p.C; ++c) {  // aligned: the max of the negatives only (the mass / 2^m >= 1)
     const T l = (u[c] + (p.log_prior ? p.log_prior[c] : T(0))) * p.c2;
-    m = std::max(m, l);
+    if (!(p.aligned && c == yi)) m = std::max(m, l);
   }
   T mass = 0, a = 0;
   double tl = 0;
@@ -175,11 +175,12 @@ void row_forward(const Problem<T>& p, int64_t i, const T* s, int64_t j0, int64_t
   const T* wo = p.w_other + j0;
   const T k2 = p.k2;
   const int64_t self = i - j0;  // column of the anchor itself (outside [0, nb) for most tiles)
+  const bool only_negatives = p.aligned;  // aligned: the max of the negatives only (the mass / 2^m >= 1)
   T tile_max = no_max<T>();
 #pragma omp simd reduction(max : tile_max)
   for (int64_t j = 0; j < nb; ++j) {
     const bool same = y[j] == yi;
-    const bool keep = j != self && (same || wo[j] > 0);
+    const bool keep = j != self && (only_negatives ? !same && wo[j] > 0 : same || wo[j] > 0);
     tile_max = std::max(tile_max, keep ? s[j] * k2 : no_max<T>());
   }
   if (tile_max > st.m) {

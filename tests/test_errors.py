@@ -47,7 +47,7 @@ Y = torch.tensor([0, 1, 0, 1, 2, 2, 0, 1])
         ({"smooth": 0.1}, ValueError, "smooth needs centre_logits"),
         ({"smooth": 1.5}, ValueError, r"smooth must be in \[0, 1\)"),
         ({"smooth": 0.1, "centre_logits": torch.randn(8, 3), "mode": "aligned"}, ValueError, "only defined"),
-        ({"pos_mask": torch.ones(8, 8), "impl": "torch"}, ValueError, "impl='torch' cannot compute"),
+        ({"pos_mask": torch.ones(3, 3)}, ValueError, r"pos_mask must have shape \[8, 8\], or \[B, B\]"),
         ({"pos_mask": torch.ones(8, 7)}, ValueError, "pos_mask must have shape"),
     ],
 )

@@ -1,5 +1,7 @@
 """Each preset against a restatement of its official code: value and gradients, fp32 relative 1e-5."""
 
+import warnings
+
 import official
 import pytest
 import torch
@@ -48,6 +50,7 @@ def test_supcon_simclr_and_mask(rng, contrast_mode):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("with_prior", [False, True])
 @pytest.mark.parametrize("k", [0, 64])
+@pytest.mark.filterwarnings("ignore:PaCoLoss. cal_weight_for_classes")
 def test_paco(rng, impl, with_prior, k):
     b, c, d = 24, 10, 32
     feats = unit_rows(2 * b + k, d, generator=rng).requires_grad_()
@@ -60,8 +63,11 @@ def test_paco(rng, impl, with_prior, k):
         counts = torch.randint(1, 500, (c,), generator=rng).tolist()
         loss.cal_weight_for_classes(counts)
         weight = torch.tensor(counts, dtype=torch.float32).view(1, c) / sum(counts)
-    check(loss(feats, labels, sup_logits), official.paco(feats, labels, sup_logits, weight=weight, **kw),
-          [feats, sup_logits])
+    check(
+        loss(feats, labels, sup_logits),
+        official.paco(feats, labels, sup_logits, weight=weight, **kw),
+        [feats, sup_logits],
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -71,8 +77,16 @@ def test_gpaco(rng, impl, smooth):
     feats = unit_rows(n + k, d, generator=rng).requires_grad_()
     labels = torch.randint(0, c, (n + k,), generator=rng)
     sup_logits = torch.randn(n, c, generator=rng).requires_grad_()
-    kw = {"alpha": 0.045, "beta": 1.0, "gamma": 1.0, "supt": 1.0, "temperature": 0.2, "K": k, "num_classes": c,
-          "smooth": smooth}
+    kw = {
+        "alpha": 0.045,
+        "beta": 1.0,
+        "gamma": 1.0,
+        "supt": 1.0,
+        "temperature": 0.2,
+        "K": k,
+        "num_classes": c,
+        "smooth": smooth,
+    }
     loss = GPaCoLoss(**kw, impl=impl)
     counts = torch.randint(1, 300, (c,), generator=rng).tolist()
     loss.cal_weight_for_classes(counts)
@@ -89,8 +103,9 @@ def test_acl(rng, impl, negative_weight, centres):
     feats = unit_rows(bsz, views, d, dtype=torch.float64, generator=rng).requires_grad_()
     labels = torch.randint(0, c, (bsz,), generator=rng)
     sup = torch.randn(bsz, views, c, dtype=torch.float64, generator=rng).requires_grad_() if centres else None
-    loss = ACLLoss(c, temperature=0.3, alpha=0.5, beta=1.0, gamma=0.9, negative_weight=negative_weight,
-                   kappa=0.7, impl=impl)
+    loss = ACLLoss(
+        c, temperature=0.3, alpha=0.5, beta=1.0, gamma=0.9, negative_weight=negative_weight, kappa=0.7, impl=impl
+    )
     counts = torch.randint(1, 100, (c,), generator=rng)
     loss.cal_weight_for_classes(counts.tolist())
     rows = feats.transpose(0, 1).reshape(-1, d)
@@ -106,8 +121,17 @@ def test_acl(rng, impl, negative_weight, centres):
         class_weight = None
     sup_rows = sup.transpose(0, 1).reshape(-1, c) if centres else None
     log_prior = torch.log(prior + 1e-9) if centres else None
-    theirs = official.aligned(rows, y, sup_rows, temperature=0.3, alpha=0.5, beta=1.0, gamma=0.9,
-                              log_prior=log_prior, class_weight=class_weight)
+    theirs = official.aligned(
+        rows,
+        y,
+        sup_rows,
+        temperature=0.3,
+        alpha=0.5,
+        beta=1.0,
+        gamma=0.9,
+        log_prior=log_prior,
+        class_weight=class_weight,
+    )
     inputs = [feats] + ([sup] if centres else [])
     check(loss(feats, labels, sup), theirs, inputs, rtol=1e-6)
 
@@ -154,3 +178,81 @@ def test_presets_do_not_renormalise(rng):
     a = SupConLoss()(feats, labels)
     b = SupConLoss()(F.normalize(feats, dim=-1) * 0.5, labels)
     assert not torch.isclose(a, b)
+
+
+@pytest.mark.parametrize("contrast_mode", ["all", "one"])
+def test_supcon_mask_is_read_chunk_by_chunk(rng, monkeypatch, contrast_mode):
+    """auto serves `mask=` on the torch path from the [bsz, bsz] block, a few anchor rows at a time."""
+    from acl_kernels.ops.contrastive import chunked
+
+    bsz, views, d = 24, 2, 8
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 5 * bsz * views)  # 5 anchor rows per chunk
+    seen = []
+    weights_into = chunked.weights_into
+
+    def spy(p, rows, yc, g, *args, **kw):
+        seen.append((tuple(p.pos_mask.shape), g.shape[0]))
+        return weights_into(p, rows, yc, g, *args, **kw)
+
+    monkeypatch.setattr(chunked, "weights_into", spy)
+    feats = unit_rows(bsz, views, d, generator=rng).requires_grad_()
+    mask = (torch.rand(bsz, bsz, generator=rng) < 0.3).float()
+    kw = {"temperature": 0.2, "contrast_mode": contrast_mode}
+    check(SupConLoss(**kw)(feats, mask=mask), official.supcon(feats, mask=mask, **kw), [feats])
+    assert seen and all(shape == (bsz, bsz) and rows <= 5 for shape, rows in seen), seen
+
+
+def test_paco_drop_in_keywords_and_prior_warning(rng):
+    b, c, d = 6, 3, 8
+    feats = unit_rows(2 * b, d, generator=rng)
+    labels = torch.randint(0, c, (2 * b,), generator=rng)
+    logits = torch.randn(b, c, generator=rng)
+    for cls in (PaCoLoss, GPaCoLoss):
+        loss = cls(alpha=0.05, K=0, num_classes=c)
+        n_anchor = 2 * b if cls is GPaCoLoss else b
+        with pytest.warns(UserWarning, match="cal_weight_for_classes") as seen:
+            first = loss(feats, labels, logits[:1].expand(n_anchor, c), epoch=3)
+            loss(feats, labels, logits[:1].expand(n_anchor, c), mask=None, epoch=4)
+        assert len(seen) == 1 and torch.isfinite(first)  # once per instance
+        loss.cal_weight_for_classes([1, 2, 3])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss(feats, labels, logits[:1].expand(n_anchor, c), epoch=5)
+        with pytest.raises(ValueError, match="mask must be None"):
+            loss(feats, labels, logits[:1].expand(n_anchor, c), mask=torch.ones(b, 2 * b))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: SupConLoss(temperature=float("nan")), "temperature must be a finite number"),
+        (lambda: SupConLoss(base_temperature=float("inf")), "base_temperature must be a finite number"),
+        (lambda: SupConLoss(impl="cuda"), "impl must be one of"),
+        (lambda: PaCoLoss(alpha=-1.0), "alpha must be >= 0"),
+        (lambda: PaCoLoss(alpha=0.1, smooth=1.0), r"smooth must be in \[0, 1\)"),
+        (lambda: PaCoLoss(alpha=0.1, K=2.5), "K must be an int"),
+        (lambda: GPaCoLoss(alpha=0.1, supt=0.0), "supt must be > 0"),
+        (lambda: ACLLoss(3, negative_weight="x"), "negative_weight must be one of"),
+        (lambda: ACLLoss(3, kappa=float("nan")), "kappa must be a finite number"),
+        (lambda: ACLLoss(3, gamma="1"), "gamma must be a number"),
+        (lambda: ACLLoss(3, logit_adjust="yes"), "logit_adjust must be True or False"),
+        (lambda: ACLLoss(2.0), "num_classes must be an int"),
+    ],
+)
+def test_preset_options_are_checked_in_the_constructor(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: SupConLoss()(torch.zeros(0, 2, 8)), r"non-empty \[bsz, n_views, d\].*\(0, 2, 8\)"),
+        (lambda: SupConLoss()(torch.zeros(4, 2, 0)), r"non-empty \[bsz, n_views, d\].*\(4, 2, 0\)"),
+        (lambda: ACLLoss(3)(torch.zeros(0, 2, 8), torch.zeros(0, dtype=torch.long)), "non-empty"),
+        (lambda: PaCoLoss(alpha=0.1, K=0, num_classes=3)(torch.zeros(4, 0), torch.zeros(4).long()), "non-empty"),
+    ],
+)
+def test_empty_batches_are_refused_clearly(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

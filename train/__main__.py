@@ -5,19 +5,22 @@ from __future__ import annotations
 import os
 import sys
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, resolve
 from .datasets import DataError
+from .engine import TrainingError, train
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve(argv)
-        from .engine import train
-
         report = train(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if report and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"final ({cfg['name']}): top-1 {report['top1']:.2f} | Many {report['many']:.2f} | "

@@ -8,11 +8,14 @@ written as `config.yaml` beside the checkpoints.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .data import RECIPES
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "mnist_lt_acl"
@@ -91,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
     "progress": True,
     "tensorboard": True,
     "plot": True,
+    "check_images": True,  # decode every image once before training (cached by a stamp)
 }
 
 CHOICES = {
@@ -107,8 +111,74 @@ CHOICES = {
 }
 
 
-# help text of the options (the others explain themselves through the comments above)
+# help text of the options (`--help` adds each default); every option has one
 HELP = {
+    "dataset": "mnist_lt / cifar10_lt / cifar100_lt (built once into cache_dir) or split (split files)",
+    "data_root": "folder the image paths of the split files are relative to (CIFAR: the local CIFAR copy); "
+    "paths may not leave it",
+    "train_split": "training split file, '<relative/path> <label>' per line; relative to data_root",
+    "num_classes": "number of classes; 0 infers max label + 1 of the training split (and reports empty classes); "
+    "a label >= a set value is refused",
+    "imbalance": "rho of the CIFAR-LT / MNIST-LT exponential profile (largest / smallest class)",
+    "cache_dir": "where MNIST-LT / CIFAR-LT are written on first use, and the image-check stamps",
+    "data_loader": "dali (DALI pipeline) or pytorch (torchvision fallback, the same batches)",
+    "workers": "DALI threads / DataLoader workers per rank (also the threads of the image check)",
+    "image_size": "side of the square training / evaluation crops",
+    "eval_resize": "shorter side before the evaluation centre crop",
+    "views": "augmentation recipe of each view, cycled to n_views: " + ", ".join(RECIPES),
+    "n_views": "augmented views per image (>= 2 for paco, gpaco, supcon)",
+    "randaug_n": "RandAugment: operations per image",
+    "randaug_m": "RandAugment: magnitude (0-10, timm's scale)",
+    "mean": "per-channel normalisation mean (RGB, 0-1 scale)",
+    "std": "per-channel normalisation standard deviation",
+    "arch": "backbone",
+    "pretrained": "local torchvision state_dict of the backbone (nothing is downloaded)",
+    "head": "projection head: mlp_bn (PaCo) or mlp3 (GPaCo)",
+    "proj_dim": "projection (contrastive feature) dimension",
+    "sync_bn": "synchronise BatchNorm statistics across ranks",
+    "loss": "training objective: acl, paco, gpaco, supcon (CE + SupCon), ce, la (logit adjustment)",
+    "alpha": "weight of the sample positives in the contrastive target",
+    "beta": "weight of the own class centre in the contrastive target",
+    "gamma": "weight of the sample block in the denominator",
+    "supt": "temperature of the class-centre logits",
+    "temperature": "contrastive temperature (finite, > 0)",
+    "smooth": "label smoothing of the centre target (gpaco), in [0, 1)",
+    "negative_weight": "acl: weighting of the negatives (none, batch = 1 / class count, prior = pi^-kappa)",
+    "kappa": "exponent of negative_weight=prior",
+    "logit_adjust": "add log(class prior) to the centre logits while training",
+    "queue_size": "K: queue of detached keys from earlier batches (paco, gpaco, acl); 0: none",
+    "moco_momentum": "momentum of the paco key encoder",
+    "la_tau": "la: logits + tau * log(prior)",
+    "supcon_weight": "supcon: CE + weight * SupCon",
+    "loss_impl": "loss backend: auto, triton, native, torch or reference",
+    "epochs": "training epochs (may change on resume)",
+    "batch_size": "global batch, split evenly across ranks",
+    "lr": "peak learning rate of SGD",
+    "momentum": "SGD momentum",
+    "weight_decay": "SGD weight decay",
+    "warmup_epochs": "linear warm-up epochs (per step)",
+    "schedule": "cosine to 0, or step (x0.1 at each of lr_steps)",
+    "lr_steps": "epochs of the step schedule's x0.1 drops",
+    "amp": "mixed precision: auto (bf16 on GPU, off on CPU), bf16, fp16 or none",
+    "channels_last": "channels-last memory format: auto (on GPU), true or false",
+    "compile": "torch.compile the model",
+    "tf32": "tensor-core tf32 for fp32 matrix products on GPU",
+    "output": "folder of the runs",
+    "name": "run folder under output; default: the config's name",
+    "seed": "seed of the weights, the sample order and the augmentations",
+    "device": "auto, cpu or cuda",
+    "threads": "torch intra-op threads on CPU; 0: torch's default",
+    "resume": "checkpoint to resume from, or auto (<run folder>/checkpoint.pt if it exists); the config "
+    "must match the checkpoint's except for logging options and epochs",
+    "stop_at_epoch": "end the run after this epoch as if interrupted (split a long run into jobs); 0: never",
+    "max_steps": "stop each epoch after this many steps (smoke tests); 0: full epochs",
+    "max_eval_batches": "evaluate on at most this many batches; 0: all",
+    "eval_every": "evaluate every this many epochs (and after the last)",
+    "progress": "show a progress bar (per-step TensorBoard scalars are written either way)",
+    "tensorboard": "write TensorBoard logs to <run folder>/tb",
+    "plot": "write curves.png at the end",
+    "check_images": "decode every image once before training and stop naming the undecodable ones; "
+    "a stamp in cache_dir makes later runs on the same files skip it",
     "prefetch": "batches each rank's loader prepares ahead of the step: DALI's prefetch queue depth, "
     "or the DataLoader's prefetch_factor (per worker)",
     "stop_check_every": "under DDP, the ranks agree whether a SIGTERM arrived (one small CPU all-reduce) every "
@@ -192,10 +262,10 @@ def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     )
     for key, default in defaults.items():
         kwargs: dict[str, Any] = {"default": default, "type": _arg_type(DEFAULTS[key]), "dest": key}
-        if key in CHOICES:
-            kwargs["choices"] = CHOICES[key]
         if key in HELP:
             kwargs["help"] = HELP[key]
+        if key in CHOICES:
+            kwargs["choices"] = CHOICES[key]
         if isinstance(DEFAULTS[key], bool):
             kwargs["metavar"] = "BOOL"
         flags = {"--" + key, "--" + key.replace("_", "-")}
@@ -221,13 +291,70 @@ def resolve(argv: list[str] | None = None) -> dict[str, Any]:
     return cfg
 
 
+# (key, lowest, highest, lowest included) of the numeric options; None: no bound
+RANGES = (
+    *[(k, 0, None, True) for k in ("num_classes", "workers", "queue_size", "threads", "max_steps", "randaug_n")],
+    *[(k, 0, None, True) for k in ("max_eval_batches", "stop_at_epoch", "warmup_epochs", "weight_decay", "seed")],
+    *[(k, 1, None, True) for k in ("image_size", "eval_resize", "proj_dim", "eval_every", "imbalance")],
+    ("lr", 0, None, False),
+    ("momentum", 0, 1, True),
+    ("moco_momentum", 0, 1, True),
+    ("randaug_m", 0, 10, True),  # timm's RandAugment magnitude scale
+    ("supcon_weight", 0, None, True),
+)
+
+
+def _check_types(cfg: dict[str, Any]) -> None:
+    """Each value has its default's type (a YAML file can hold anything); floats accept ints."""
+    for key, default in DEFAULTS.items():
+        v = cfg[key]
+        if key == "channels_last":
+            ok = v in ("auto", "true", "false", True, False)
+        elif isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(default, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        else:
+            ok = isinstance(v, type(default))
+        if not ok:
+            raise ConfigError(f"{key} must be like its default {default!r} ({type(default).__name__}), got {v!r}")
+
+
 def check(cfg: dict[str, Any]) -> None:
+    """Every value checked when the config is read, before any data or model set-up."""
+    _check_types(cfg)
+    for key, lo, hi, closed in RANGES:
+        v = cfg[key]
+        if (v < lo if closed else v <= lo) or (hi is not None and v > hi):
+            bound = f"{'>=' if closed else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            raise ConfigError(f"{key} must be {bound}, got {v!r}")
+    unknown = [r for r in cfg["views"] if r not in RECIPES]
+    if unknown:
+        raise ConfigError(f"views: unknown augmentation recipe(s) {unknown}; known: {list(RECIPES)}")
+    if len(cfg["mean"]) != 3 or len(cfg["std"]) != 3 or not all(s > 0 for s in cfg["std"]):
+        raise ConfigError(f"mean and std need 3 values (RGB), std > 0; got {cfg['mean']}, {cfg['std']}")
+    try:
+        from acl_kernels.functional import check_settings
+
+        check_settings(
+            temperature=cfg["temperature"],
+            alpha=cfg["alpha"],
+            beta=cfg["beta"],
+            gamma=cfg["gamma"],
+            supt=cfg["supt"],
+            smooth=cfg["smooth"],
+            negative_weight=cfg["negative_weight"],
+            kappa=cfg["kappa"],
+            impl=cfg["loss_impl"],
+        )
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"loss setting: {e}") from e
     if cfg["n_views"] < 1:
         raise ConfigError(f"n_views must be >= 1, got {cfg['n_views']}")
     if cfg["loss"] in ("paco", "supcon", "gpaco") and cfg["n_views"] < 2:
         raise ConfigError(f"loss={cfg['loss']} needs n_views >= 2, got {cfg['n_views']}")
-    if not 0 <= cfg["randaug_m"] <= 10:
-        raise ConfigError(f"randaug_m must be in [0, 10] (timm's RandAugment magnitude scale), got {cfg['randaug_m']}")
     if not cfg["views"]:
         raise ConfigError("views must list at least one augmentation recipe")
     for key in ("stop_check_every", "prefetch"):

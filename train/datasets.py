@@ -57,7 +57,10 @@ def read_split(path: str | os.PathLike, root: str | os.PathLike) -> Split:
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
             raise DataError(f"{path}, line {n}: expected '<relative/path> <integer label>', got {line!r}")
-        files.append(parts[0].strip())
+        rel = parts[0].strip()
+        if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
+            raise DataError(f"{path}, line {n}: image path {rel!r} leaves the data root; paths must be relative to it")
+        files.append(rel)
         labels.append(int(parts[1]))
     if not files:
         raise DataError(f"split file {path} lists no images")

@@ -18,8 +18,10 @@ from torch import nn
 
 from acl_kernels.distributed import loss_group
 
+from . import checkpoint
 from . import config as config_mod
 from .data import _mix_seed, make_loader
+from .data_checks import check_images, describe_classes
 from .datasets import check_shards, class_counts, prepare
 from .metrics import accuracy_report
 from .models import Model, freeze
@@ -77,11 +79,14 @@ def autocast_factory(cfg: dict, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN/Inf loss); the message says why and what was kept."""
+
+
+def all_finite(loss_sum: torch.Tensor, model: nn.Module) -> bool:
+    """The summed loss and every parameter are finite (one sync)."""
+    total = loss_sum.detach().float() + torch.stack([p.detach().float().sum() for p in model.parameters()]).sum()
+    return bool(torch.isfinite(total))
 
 
 class _Stop:
@@ -151,10 +156,11 @@ class Logs:
 
     FIELDS = ("epoch", "lr", "loss", "top1", "many", "medium", "few", "images_per_s", "epoch_s")
 
-    def __init__(self, out: Path, cfg: dict, num_classes: int, start_epoch: int, active: bool):
+    def __init__(self, out: Path, cfg: dict, num_classes: int, start_epoch: int, active: bool, resume_step: int):
         self.active = active
         self.out = out
         self.tb = None
+        self.best_top1 = -1.0  # best top-1 of the epochs kept from before a resume
         if not active:
             return
         self.metrics = out / "metrics.csv"
@@ -169,13 +175,17 @@ class Logs:
                 with open(path, newline="") as f:
                     rows = [r for r in csv.reader(f)][1:]
                 rows = [r for r in rows if r and int(r[0]) <= start_epoch]
+            if path == self.metrics:
+                top1 = [float(r[self.FIELDS.index("top1")] or "nan") for r in rows]
+                self.best_top1 = max([t for t in top1 if not math.isnan(t)], default=-1.0)
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerows([header] + rows)
         if cfg["tensorboard"]:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tb"), purge_step=start_epoch or None)
+                # one axis, the optimizer step: points after the checkpoint (a run that died later) go
+                self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step + 1 if resume_step else None)
             except ImportError:
                 print("tensorboard is not installed: no TensorBoard logs")
 
@@ -183,7 +193,8 @@ class Logs:
         if self.tb is not None:
             self.tb.add_scalar(tag, value, step)
 
-    def epoch(self, row: dict, per_class: np.ndarray | None) -> None:
+    def epoch(self, row: dict, per_class: np.ndarray | None, step: int) -> None:
+        """Append the epoch's row; TensorBoard gets its scalars at `step`, the optimizer step ending it."""
         if not self.active:
             return
         with open(self.metrics, "a", newline="") as f:
@@ -193,7 +204,7 @@ class Logs:
                 csv.writer(f).writerow([row["epoch"]] + [_fmt(a) for a in per_class])
         for k in self.FIELDS[1:]:
             if isinstance(row.get(k), float) and not math.isnan(row[k]):
-                self.scalar(f"epoch/{k}", row[k], row["epoch"])
+                self.scalar(f"epoch/{k}", row[k], step)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -289,16 +300,39 @@ def train(cfg: dict) -> dict:
         raise config_mod.ConfigError(f"batch_size={cfg['batch_size']} must be divisible by the {world} ranks")
     out = config_mod.run_dir(cfg)
     main = rank == 0
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        config_mod.save(cfg, out / "config.yaml")
+    say = print if main else (lambda *a, **k: None)
 
-    # data: rank 0 builds the cache (MNIST-LT / CIFAR-LT) first; every rank runs all checks
+    # a resume is checked against this config before anything is written
+    resume = cfg["resume"]
+    if resume == "auto":
+        found = (out / CHECKPOINT).is_file() or checkpoint.previous_path(out / CHECKPOINT).is_file()
+        resume = str(out / CHECKPOINT) if found else ""
+    ck = None
+    if resume:
+        ck, resume = checkpoint.load(Path(resume), map_location=device, log=say)
+        for line in checkpoint.config_changes(ck["config"], cfg):
+            say(line)
+
+    # data: rank 0 builds the cache (MNIST-LT / CIFAR-LT) and decodes every image first; every rank
+    # runs all checks (the image check then finds rank 0's stamp)
+    def data():
+        splits = prepare(cfg)
+        if cfg["check_images"]:
+            for split in (s for s in splits[:3] if s is not None):  # train, val, test
+                if check_images(split, cfg["cache_dir"], max(cfg["workers"], 1)):
+                    say(f"{split.path}: all {len(split)} images decode")
+        return splits
+
     if main:
-        train_split, val_split, test_split, num_classes = prepare(cfg)
+        train_split, val_split, test_split, num_classes = data()
     barrier()
     if not main:
-        train_split, val_split, test_split, num_classes = prepare(cfg)
+        train_split, val_split, test_split, num_classes = data()
+    say(describe_classes(train_split, num_classes, named=bool(cfg["num_classes"])))
+    if ck is not None and ck["num_classes"] != num_classes:
+        raise checkpoint.CheckpointError(
+            f"cannot resume from {resume}: it has {ck['num_classes']} classes, this data {num_classes}"
+        )
     counts = class_counts(train_split, num_classes)
     batch = cfg["batch_size"] // world
     steps = check_shards(len(train_split), len(val_split), world, batch)
@@ -326,26 +360,30 @@ def train(cfg: dict) -> dict:
     )
     autocast, scaler = autocast_factory(cfg, device)
 
-    start_epoch, start_step, best, best_epoch, loader_state = 0, 0, -1.0, 0, None
-    resume = cfg["resume"]
-    if resume == "auto":
-        resume = str(out / CHECKPOINT) if (out / CHECKPOINT).is_file() else ""
-    if resume:
-        ck = torch.load(resume, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        objective.load_state_dict(ck["objective"])
-        optimizer.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        start_epoch, start_step, best = ck["epoch"], ck["step"], ck["best_top1"]
+    start_epoch, start_step, best, best_epoch, partial, loader_state = 0, 0, -1.0, 0, {}, None
+    if ck is not None:
+        try:
+            model.load_state_dict(ck["model"])
+            objective.load_state_dict(ck["objective"])
+            optimizer.load_state_dict(ck["optimizer"])
+            if scaler is not None and ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise checkpoint.CheckpointError(f"checkpoint {resume} does not fit this model: {e}") from e
+        start_epoch, start_step, best = ck["epoch"], ck["step"], ck["best_top1"]  # best: see Logs.best_top1
         best_epoch = ck.get("best_epoch", 0)
+        partial = ck.get("partial") or {}
         if start_step:
             _check_mid_epoch_resume(ck, world, cfg["batch_size"], resume)
         states = ck.get("loader") or []
         if len(states) == world and ck["config"]["data_loader"] == cfg["data_loader"]:
             loader_state = states[rank]
-        if main:
-            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step}")
+        say(f"resumed from {resume}: epoch {start_epoch}, step {start_step}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        config_mod.save(cfg, out / "config.yaml")
+        for tmp in checkpoint.remove_stale_temporaries(out / CHECKPOINT):
+            print(f"removed {tmp}, left by an interrupted checkpoint write")
 
     net: nn.Module = model
     if world > 1:
@@ -353,16 +391,28 @@ def train(cfg: dict) -> dict:
     if cfg["compile"]:
         net = torch.compile(net)
 
-    logs = Logs(out, cfg, num_classes, start_epoch, main)
+    logs = Logs(out, cfg, num_classes, start_epoch, main, start_epoch * steps + start_step)
+    best = max(best, logs.best_top1)  # the checkpoint is written before its epoch's evaluation
     stop = _Stop(cfg["stop_check_every"], steps)
 
-    def checkpoint(epoch: int, step: int) -> None:
+    def diverged(epoch: int, step: int):
+        last = out / CHECKPOINT
+        kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was written"
+        raise TrainingError(
+            f"the training loss or a weight is NaN/Inf (epoch {epoch + 1}, by step {step}): training diverged; "
+            f"{kept}; lower the learning rate (lr={cfg['lr']}) or check the data"
+        )
+
+    def save(epoch: int, step: int, partial: dict | None = None) -> None:
+        """Write the checkpoint of (epoch, step); refuse to if the loss or a weight is NaN/Inf."""
+        if not all_finite(loss_sum, model):
+            diverged(epoch - (step == 0), step or steps)
         state = loader.state()  # every rank's loader (DALI: the pipeline's random state and position)
         states = [state] * world
         if world > 1 and state is not None:
             dist.all_gather_object(states, state)
         if main:
-            save_atomic(
+            checkpoint.save(
                 {
                     "model": model.state_dict(),
                     "objective": objective.state_dict(),
@@ -376,6 +426,7 @@ def train(cfg: dict) -> dict:
                     "world": world,
                     "loader": states if state is not None else None,
                     "config": {k: cfg[k] for k in config_mod.DEFAULTS},
+                    "partial": partial,  # mid-epoch: the epoch's sums so far
                 },
                 out / CHECKPOINT,
             )
@@ -410,7 +461,10 @@ def train(cfg: dict) -> dict:
             if epoch > start_epoch:
                 loader.set_epoch(epoch)
             net.train()
-            t0, seen, loss_sum, n_loss = time.perf_counter(), 0, torch.zeros((), device=device), 0
+            carried = partial if epoch == start_epoch else {}  # sums of the steps before a mid-epoch resume
+            t0 = time.perf_counter() - carried.get("elapsed", 0.0)
+            seen, n_loss = carried.get("seen", 0), carried.get("n_loss", 0)
+            loss_sum = torch.tensor(carried.get("loss_sum", 0.0), device=device)
             bar = _progress(main and cfg["progress"], steps - skip, f"epoch {epoch + 1}/{cfg['epochs']}")
             step = skip
             for views, labels in loader:
@@ -436,15 +490,19 @@ def train(cfg: dict) -> dict:
                 seen += labels.shape[0] * world
                 if bar is not None:
                     bar.update(1)
-                    if step % 10 == 0 or step == steps:
-                        rate = seen / (time.perf_counter() - t0)
-                        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-                        logs.scalar("train/loss", loss.item(), epoch * steps + step)
-                        logs.scalar("train/images_per_s", rate, epoch * steps + step)
+                if step % 10 == 0 or step == steps:
+                    rate, value = seen / (time.perf_counter() - t0), loss.item()
+                    if not math.isfinite(value):
+                        diverged(epoch, step)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+                    logs.scalar("train/loss", value, epoch * steps + step)
+                    logs.scalar("train/images_per_s", rate, epoch * steps + step)
                 if stop.requested(step):
                     if bar is not None:
                         bar.close()
-                    checkpoint(epoch, step)
+                    sums = {"loss_sum": float(loss_sum), "n_loss": n_loss, "seen": seen}
+                    save(epoch, step, {**sums, "elapsed": time.perf_counter() - t0})
                     if main:
                         print(
                             f"SIGTERM: checkpoint saved at epoch {epoch}, step {step} in {out / CHECKPOINT}; "
@@ -461,6 +519,7 @@ def train(cfg: dict) -> dict:
                 "images_per_s": seen / elapsed,
                 "epoch_s": elapsed,
             }
+            save(epoch + 1, 0)  # before the evaluation: a crash there loses no training
             per_class = None
             if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
                 broadcast_buffers(model)
@@ -476,8 +535,8 @@ def train(cfg: dict) -> dict:
                 if report["top1"] > best:  # selection on the validation split; its weights kept for the test
                     best, best_epoch = report["top1"], epoch + 1
                     if main:
-                        save_atomic(model.state_dict(), out / BEST)
-            logs.epoch(row, per_class)
+                        checkpoint.save({"model": model.state_dict()}, out / BEST, keep_previous=False)
+            logs.epoch(row, per_class, (epoch + 1) * steps)
             if main:
                 acc = (
                     (
@@ -491,7 +550,6 @@ def train(cfg: dict) -> dict:
                     f"epoch {epoch + 1}/{cfg['epochs']}: loss {row['loss']:.4f}, {row['images_per_s']:.0f} img/s{acc}",
                     flush=True,
                 )
-            checkpoint(epoch + 1, 0)
             done = epoch + 1
             if cfg["stop_at_epoch"] and epoch + 1 == cfg["stop_at_epoch"] and epoch + 1 < cfg["epochs"]:
                 if main:
@@ -506,7 +564,7 @@ def train(cfg: dict) -> dict:
         report["best_top1"], report["best_epoch"] = best, best_epoch
         if test_split is not None and done == cfg["epochs"]:  # the selected weights on the test split, once
             barrier()
-            model.load_state_dict(torch.load(out / BEST, map_location=device, weights_only=True))
+            model.load_state_dict(checkpoint.load(out / BEST, map_location=device, log=say)[0]["model"])
             test = evaluate(net, cfg, test_split, num_classes, counts, rank, world, device, autocast)
             report["test"] = {k: test[k] for k in ("top1", "many", "medium", "few")}
             if main:

@@ -10,58 +10,112 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .problem import LossProblem, centre_block, compute_dtype, tile
+from .problem import LossProblem, centre_block, compute_dtype, weights_into
 
-# Elements of one [chunk, C + M] tile; a few such tiles are alive at once.
-TILE_ELEMENTS = 1 << 22
+# Elements of one [chunk, C + M] tile (8 MiB in fp32); a workspace holds about seven.
+TILE_ELEMENTS = 1 << 21
 
 
 def chunk_rows(n_anchor: int, n_cols: int) -> int:
     return max(1, min(n_anchor, TILE_ELEMENTS // max(n_cols, 1)))
 
 
-def row_statistics(l: Tensor, g: Tensor, t: Tensor, pos: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+class Workspace:
+    """The [chunk, C + M] tiles of one forward or backward, allocated once and reused by every row
+    chunk: out= and in-place ops only. Fresh 16 MiB tensors per chunk would make glibc's heap keep
+    about 1 GiB of freed memory (process RSS) at N = 16384 even though little is live."""
+
+    def __init__(self, rows: int, n_cls: int, n_cols: int, dtype: torch.dtype, device: torch.device):
+        width = n_cls + n_cols
+
+        def new(kind=dtype, w=width):
+            return torch.empty(rows, w, dtype=kind, device=device)
+
+        self.n_cls = n_cls
+        self.l, self.g, self.t, self.x, self.y = new(), new(), new(), new(), new()
+        self.pos, self.mask, self.same = new(torch.bool), new(torch.bool), new(torch.bool, n_cols)
+        self.sim = new(w=n_cols) if n_cls else None  # sample-block scratch: weights, then the matmul's output
+        self.neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
+        self.zero = torch.zeros((), dtype=dtype, device=device)
+
+    def fill(self, p: LossProblem, rows: slice, za: Tensor, zc: Tensor, yc: Tensor, centre: Tensor | None,
+             cols: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """Logits and weights of the anchor rows `rows` (as problem.tile) in this workspace's buffers."""
+        c = rows.stop - rows.start
+        l, g, t, pos = self.l[:c], self.g[:c], self.t[:c], self.pos[:c]
+        weights_into(p, rows, yc, g, t, pos, self.same[:c], None if self.sim is None else self.sim[:c], cols)
+        if centre is None:
+            torch.mm(za, zc.T, out=l)
+            l.div_(p.temperature)
+        else:
+            sim = self.sim[:c]
+            l[:, self.n_cls :].copy_(torch.mm(za, zc.T, out=sim)).div_(p.temperature)
+            l[:, : self.n_cls].copy_(centre)
+        return l, g, t, pos
+
+    def shifted_max(self, l: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """(m, x): m [c] = the row max of l over `keep` (0 for rows with nothing kept) and x = l - m
+        where `keep`, -inf elsewhere (so exp(x) is masked before the exp)."""
+        x = self.x[: l.shape[0]]
+        torch.where(keep, l, self.neg_inf, out=x)
+        m = x.amax(1)
+        m = torch.where(torch.isfinite(m), m, 0.0)
+        x.sub_(m[:, None])
+        return m, x
+
+
+def row_statistics(ws: Workspace, l: Tensor, g: Tensor, t: Tensor, pos: Tensor, mode: str) -> tuple[Tensor, Tensor]:
     """Per-row (loss, stats) of a tile; stats [c, 4] = (shift m, log-mass, 1/A, R) as README.md.
 
-    softmax: mass = sum_k g e^(l - m) over the denominator, R unused.
-    aligned: mass = sum over negatives only, R = sum_p (t_p / A) / (e^(l_p - m) + mass).
+    softmax: m = max over the denominator, mass = sum_k g e^(l - m) over it, R unused.
+    aligned: m = max over the negatives (0 without any), mass = sum over the negatives,
+    R = sum_p (t_p / A) / (e^(l_p - m) + mass) (0 without negatives). Every excluded column is
+    masked before its exp; a positive far above every negative only makes e^(l_p - m) large,
+    never the mass small: nothing overflows into a NaN at tiny temperatures or for unnormalised rows.
     """
+    c = l.shape[0]
+    mask, y = ws.mask[:c], ws.y[:c]
     a = t.sum(1)
     inv_a = torch.where(a > 0, 1.0 / a.clamp_min(torch.finfo(a.dtype).tiny), 0.0)
-    keep = (g > 0) | pos
-    m = l.masked_fill(~keep, float("-inf")).amax(1)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(l - m[:, None])
-    zero = torch.zeros_like(a)
     if mode == "softmax":
-        mass = (g * e).sum(1)
+        m, x = ws.shifted_max(l, torch.gt(g, 0, out=mask))
+        mass = x.exp_().mul_(g).sum(1)
         # mass == 0 only when the row has no denominator, hence no target and a zero loss
         log_mass = torch.where(mass > 0, torch.log(mass), 0.0)
-        loss = torch.where(a > 0, m + log_mass - (t * l).sum(1) * inv_a, 0.0)
-        r = zero
-    else:
-        neg = (g > 0) & ~pos
-        mass = torch.where(neg, g * e, 0.0).sum(1)
-        log_mass = torch.log(mass)
-        denom = e + mass[:, None]
-        log_p = -torch.nn.functional.softplus(log_mass[:, None] - (l - m[:, None]))
-        loss = -torch.where(pos, t * log_p, 0.0).sum(1) * inv_a
-        r = torch.where(pos, t / denom, 0.0).sum(1) * inv_a
+        t_dot_l = torch.mul(t, l, out=y).sum(1)
+        loss = torch.where(a > 0, m + log_mass - t_dot_l * inv_a, 0.0)
+        return loss, torch.stack([m, log_mass, inv_a, torch.zeros_like(a)], 1)
+    neg = torch.gt(g, 0, out=mask).masked_fill_(pos, False)
+    m, x = ws.shifted_max(l, neg)
+    mass = x.exp_().mul_(g).sum(1)
+    log_mass = torch.log(mass)  # -inf without negatives: every log p is then 0
+    torch.sub(l, m[:, None], out=x)  # x = l - m on every column now
+    sp = torch.logaddexp(torch.sub(log_mass[:, None], x, out=y), ws.zero, out=y)  # softplus = -log p
+    not_pos = torch.logical_not(pos, out=mask)
+    # 1 / (e^x + mass) = e^-(x + sp): 0, not inf / inf, for a dominant positive
+    r = x.add_(sp).neg_().exp_().masked_fill_(not_pos, 0.0).mul_(t).sum(1) * inv_a
+    r = torch.where(mass > 0, r, 0.0)
+    loss = sp.masked_fill_(not_pos, 0.0).mul_(t).sum(1) * inv_a
     return loss, torch.stack([m, log_mass, inv_a, r], 1)
 
 
-def dlogits(l: Tensor, g: Tensor, t: Tensor, pos: Tensor, stats: Tensor, coef: Tensor, mode: str) -> Tensor:
-    """dL/dl of a tile from the row statistics; coef [c] = upstream gradient * loss scale."""
+def dlogits(ws: Workspace, l: Tensor, g: Tensor, t: Tensor, pos: Tensor, stats: Tensor, coef: Tensor, mode: str):
+    """dL/dl [c, C + M] of a tile from the row statistics (in the workspace's buffer x);
+    coef [c] = upstream gradient * loss scale."""
+    c = l.shape[0]
+    mask, x, y = ws.mask[:c], ws.x[:c], ws.y[:c]
     m, log_mass, inv_a, r = stats.unbind(1)
     coef = torch.where(inv_a > 0, coef, 0.0)[:, None]
     if mode == "softmax":
-        p = g * torch.exp(l - (m + log_mass)[:, None])
-        return coef * (p - t * inv_a[:, None])
-    e = torch.exp(l - m[:, None])
-    mass = torch.exp(log_mass)[:, None]
-    attract = -(t * inv_a[:, None]) * mass / (e + mass)
-    repel = g * e * r[:, None]
-    return coef * torch.where(pos, attract, torch.where(g > 0, repel, 0.0))
+        torch.where(torch.gt(g, 0, out=mask), l, ws.neg_inf, out=x)
+        prob = x.sub_((m + log_mass)[:, None]).exp_().mul_(g)
+        return prob.sub_(torch.mul(t, inv_a[:, None], out=y)).mul_(coef)
+    torch.sub(l, m[:, None], out=x)
+    # d log p / d l_p = mass / (e^x + mass) = sigmoid(log mass - x): 0 without negatives
+    attract = torch.sub(log_mass[:, None], x, out=y).sigmoid_().mul_(t).mul_(-inv_a[:, None])
+    neg = torch.gt(g, 0, out=mask).masked_fill_(pos, False)
+    repel = torch.where(neg, x, ws.neg_inf, out=x).exp_().mul_(g).mul_(r[:, None])
+    return torch.where(pos, attract, repel, out=x).mul_(coef)
 
 
 def _chunks(rows: slice, n_cols: int):
@@ -70,15 +124,20 @@ def _chunks(rows: slice, n_cols: int):
         yield slice(start, min(start + step, rows.stop))
 
 
+def _workspace(p: LossProblem, rows: slice, n_cols: int, n_cls: int, dtype: torch.dtype) -> Workspace:
+    return Workspace(chunk_rows(rows.stop - rows.start, n_cols + n_cls), n_cls, n_cols, dtype, p.z.device)
+
+
 def anchor_statistics(p: LossProblem) -> tuple[Tensor, Tensor]:
     """Losses [a] (times loss_scale) and row statistics [a, 4] of the anchors p.anchors, a = their count."""
     dtype = compute_dtype(p.z.dtype)
     zc = p.contrast(dtype)
     yc = p.contrast_labels()
+    ws = _workspace(p, p.anchors, p.n_contrast, p.num_classes, dtype)
     losses, stats = [], []
     for rows in _chunks(p.anchors, p.n_contrast + p.num_classes):
-        tiles = tile(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
-        loss, st = row_statistics(*tiles, p.mode)
+        tiles = ws.fill(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
+        loss, st = row_statistics(ws, *tiles, p.mode)
         losses.append(loss)
         stats.append(st)
     return torch.cat(losses) * p.loss_scale, torch.cat(stats)
@@ -90,7 +149,7 @@ def grad_scatter(
     """Single process: (dL/d[z; queue] [M, d], dL/du) from the statistics of every anchor.
 
     One sweep over anchor chunks: each tile adds its row gradient to the anchors and its column
-    gradient to every contrast row.
+    gradient to every contrast row (in place: nothing [M, d] is allocated per chunk).
     """
     dtype = compute_dtype(p.z.dtype)
     zc = p.contrast(dtype)
@@ -99,15 +158,16 @@ def grad_scatter(
     dzc = torch.zeros_like(zc) if need_z else None
     du = torch.zeros_like(p.centre_logits, dtype=dtype) if need_u else None
     n_cls = p.num_classes
+    ws = _workspace(p, p.anchors, p.n_contrast, n_cls, dtype)
     for rows in _chunks(p.anchors, p.n_contrast + n_cls):
-        tiles = tile(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
-        dl = dlogits(*tiles, stats[rows], coef[rows], p.mode)
+        tiles = ws.fill(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
+        dl = dlogits(ws, *tiles, stats[rows], coef[rows], p.mode)
         if du is not None:
             du[rows] = dl[:, :n_cls] / p.supt
         if dzc is not None:
-            dl_s = dl[:, n_cls:] / p.temperature
-            dzc[rows] += dl_s @ zc
-            dzc += dl_s.T @ zc[rows]
+            dl_s = dl[:, n_cls:].div_(p.temperature)
+            dzc[rows].addmm_(dl_s, zc)
+            dzc.addmm_(dl_s.T, zc[rows])
     return dzc, du
 
 
@@ -132,20 +192,23 @@ def grad_rows(
     du = torch.zeros_like(p.centre_logits, dtype=dtype) if need_u else None
     if du is not None or dz is not None:
         # this process's anchors come first among its rows
+        ws = _workspace(p, own, p.n_contrast, n_cls, dtype)
         for rows in _chunks(own, p.n_contrast + n_cls):
             here = slice(rows.start - own.start, rows.stop - own.start)
-            tiles = tile(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
-            dl = dlogits(*tiles, stats[rows], coef[rows], p.mode)
+            tiles = ws.fill(p, rows, zc[rows], zc, yc, centre_block(p, rows, dtype))
+            dl = dlogits(ws, *tiles, stats[rows], coef[rows], p.mode)
             if du is not None:
                 du[here] = dl[:, :n_cls] / p.supt
             if dz is not None:
-                dz[here] += (dl[:, n_cls:] / p.temperature) @ zc
+                dz[here].addmm_(dl[:, n_cls:].div_(p.temperature), zc)
     if dz is not None:
         z_own, y_own = zc[cols], yc[cols]
-        for rows in _chunks(slice(0, p.n_anchor), cols.shape[0]):
-            tiles = tile(p, rows, zc[rows], z_own, y_own, None, cols=cols)
-            dl = dlogits(*tiles, stats[rows], coef[rows], p.mode)
-            dz += (dl / p.temperature).T @ zc[rows]
+        every = slice(0, p.n_anchor)
+        ws = _workspace(p, every, cols.shape[0], 0, dtype)
+        for rows in _chunks(every, cols.shape[0]):
+            tiles = ws.fill(p, rows, zc[rows], z_own, y_own, None, cols=cols)
+            dl = dlogits(ws, *tiles, stats[rows], coef[rows], p.mode)
+            dz.addmm_(dl.div_(p.temperature).T, zc[rows])
     return dz, du
 
 

@@ -36,7 +36,7 @@ def refuses(p: LossProblem) -> list[str]:
     if MISSING is not None:
         reasons.append(MISSING)
     if p.pos_mask is not None:
-        reasons.append("an explicit positive mask (SupCon `mask=`) is only supported by impl='reference'")
+        reasons.append("an explicit positive mask (SupCon `mask=`) is served by impl='torch' (and 'reference')")
     if p.z.device.type != "cpu":
         reasons.append(f"tensors on {p.z.device.type} (the native kernel is the CPU one)")
     return reasons

@@ -40,7 +40,9 @@ class LossProblem:
     smooth: float
     w_other: Tensor  # [M] fp32: denominator weight g_ij of sample column j when y_j != y_i
     w_same: Tensor  # [M] fp32: denominator weight g_ij of sample column j when y_j == y_i (j != i)
-    pos_mask: Tensor | None = None  # [n_anchor, M] explicit positive weights (reference backend only)
+    # explicit positive weights: entry (i, j) = pos_mask[i % rows, j % cols], i.e. [n_anchor, M], or a
+    # [B, B] block tiled over the views (SupCon `mask=`); backends read it tile by tile
+    pos_mask: Tensor | None = None
     anchor_rows: slice | None = None  # anchors computed here (default all); centre_logits holds their rows
     own_rows: Tensor | None = None  # [n_own] int64 global rows of this process (None: single process)
 
@@ -87,49 +89,88 @@ def tile(
     zc: Tensor,
     yc: Tensor,
     centre: Tensor | None,
-    cols: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Logits and weights of anchor rows `rows` against every column (or the columns `cols`).
+    """Logits and weights of anchor rows `rows` against every column, as fresh tensors.
 
-    za: [c, d] the anchors of `rows`, zc: [M', d] contrast rows, yc: [M'] their labels, cols: [M']
-    int64 indices of those columns among the M contrast columns (None: zc holds all M of them, in
-    order), centre: the [c, C] centre logits of these anchors (u + log prior) / supt, or None.
-    Returns, each [c, C + M']: logits `l`, denominator weights `g` (0 = not in the denominator),
-    target weights `t` and the positive indicator `pos` (bool). Centre columns come first.
+    za: [c, d] the anchors of `rows`, zc: [M, d] contrast rows, yc: [M] their labels, centre: the
+    [c, C] centre logits of these anchors (u + log prior) / supt, or None. Returns, each
+    [c, C + M]: logits `l` (differentiable in za, zc and centre), denominator weights `g` (0 = not
+    in the denominator), target weights `t` and the positive indicator `pos` (bool). Centre
+    columns come first.
+    """
+    c, width = za.shape[0], zc.shape[0] + (0 if centre is None else centre.shape[1])
+    g, t, scratch = za.new_empty(c, width), za.new_empty(c, width), za.new_empty(c, zc.shape[0])
+    pos, same = (torch.empty(c, w, dtype=torch.bool, device=za.device) for w in (width, zc.shape[0]))
+    weights_into(p, rows, yc, g, t, pos, same, scratch)
+    l_s = (za @ zc.T) / p.temperature
+    return (l_s if centre is None else torch.cat([centre, l_s], 1)), g, t, pos
+
+
+def weights_into(
+    p: LossProblem,
+    rows: slice,
+    yc: Tensor,
+    g: Tensor,
+    t: Tensor,
+    pos: Tensor,
+    same: Tensor,
+    scratch: Tensor | None,
+    cols: Tensor | None = None,
+) -> None:
+    """Fill, in place, the weights of anchor rows `rows` against C centre columns then the sample
+    columns: g, t [c, C + M'] (float), pos [c, C + M'] (bool); `same` [c, M'] bool and `scratch`
+    [c, M'] float (needed only when C > 0) are contiguous scratch (out= must be contiguous under
+    torch.compile; with C > 0 the sample block of g / t is a strided view, filled by a copy).
+
+    yc: [M'] labels of the sample columns, cols: [M'] int64 indices of those columns among the M
+    contrast columns (None: all M of them, in order). C = the width beyond M'. Nothing [c, M'] is
+    allocated (the torch backend reuses these buffers for every row chunk).
     """
     ya = p.labels[rows]
-    c = za.shape[0]
-    l_s = (za @ zc.T) / p.temperature
-    same = ya[:, None] == yc[None, :]
-    col_idx = torch.arange(yc.shape[0], device=za.device) if cols is None else cols
-    anchor_idx = torch.arange(rows.start, rows.start + c, device=za.device)
-    is_self = col_idx[None, :] == anchor_idx[:, None]
-    w_same = (p.w_same if cols is None else p.w_same[cols]).to(l_s.dtype)
-    w_other = (p.w_other if cols is None else p.w_other[cols]).to(l_s.dtype)
-    g_s = torch.where(same, w_same[None, :], w_other[None, :]).masked_fill(is_self, 0.0)
+    c, m = ya.shape[0], yc.shape[0]
+    n_cls = g.shape[1] - m
+    dev, dtype = g.device, g.dtype
+    g_s, t_s, pos_s = g[:, n_cls:], t[:, n_cls:], pos[:, n_cls:]
+
+    def into(view: Tensor) -> Tensor:  # where an out= may write the sample block of g or t
+        return view if n_cls == 0 else scratch
+
+    torch.eq(ya[:, None], yc[None, :], out=same)
+    w_same = (p.w_same if cols is None else p.w_same[cols]).to(dtype)
+    w_other = (p.w_other if cols is None else p.w_other[cols]).to(dtype)
+    g_s.copy_(torch.where(same, w_same[None, :], w_other[None, :], out=into(g_s)))
+    anchor_idx = torch.arange(rows.start, rows.start + c, device=dev)
     if p.pos_mask is None:
-        pos_s = same & ~is_self
-        t_s = pos_s.to(l_s.dtype) * p.alpha
+        pos_s.copy_(same)
+        t_s.copy_(torch.mul(same, p.alpha, out=into(t_s)))
+    else:  # entry (i, j) = pos_mask[i % rows, j % cols]: a [B, B] block is tiled over the views
+        mask_rows, mask_cols = p.pos_mask.shape
+        col_idx = torch.arange(m, device=dev) if cols is None else cols
+        block = p.pos_mask.index_select(0, anchor_idx % mask_rows).to(dtype)  # [c, mask_cols]
+        t_s.copy_(torch.index_select(block, 1, col_idx % mask_cols, out=into(t_s)).mul_(p.alpha))
+        pos_s.copy_(torch.ne(t_s, 0, out=same))
+    # the anchor itself is neither in the denominator nor a positive: one column per row at most
+    # (no data-dependent shapes, so torch.compile keeps one graph)
+    here = torch.arange(c, device=dev)
+    if cols is None:  # anchors are in-batch rows, all among the M columns
+        at, valid = anchor_idx, None
     else:
-        mask = p.pos_mask[rows] if cols is None else p.pos_mask[rows][:, cols]
-        t_s = mask.to(l_s.dtype).masked_fill(is_self, 0.0) * p.alpha
-        pos_s = t_s != 0
-    if centre is None:
-        return l_s, g_s, t_s, pos_s
-    n_cls = centre.shape[1]
-    onehot = torch.nn.functional.one_hot(ya, n_cls).to(torch.bool)
+        where = torch.full((p.n_contrast,), -1, dtype=torch.long, device=dev)
+        where[cols] = torch.arange(m, device=dev)
+        at = where[anchor_idx]
+        valid, at = at >= 0, at.clamp_min(0)
+    for block, off in ((g_s, 0.0), (t_s, 0.0), (pos_s, False)):
+        block[here, at] = off if valid is None else torch.where(valid, off, block[here, at])
+    if n_cls == 0:
+        return
+    g[:, :n_cls].fill_(1.0)
+    pos[:, :n_cls].fill_(False)
+    pos[torch.arange(c, device=dev), ya] = True
+    own, other = p.beta, 0.0
     if p.smooth > 0:
-        off = p.smooth / (n_cls - 1) if n_cls > 1 else 0.0
-        t_c = torch.where(onehot, 1.0 - p.smooth, off).to(l_s.dtype) * p.beta
-    else:
-        t_c = onehot.to(l_s.dtype) * p.beta
-    g_c = torch.ones_like(centre)
-    return (
-        torch.cat([centre, l_s], 1),
-        torch.cat([g_c, g_s], 1),
-        torch.cat([t_c, t_s], 1),
-        torch.cat([onehot, pos_s], 1),
-    )
+        own, other = (1.0 - p.smooth) * p.beta, (p.smooth / (n_cls - 1) if n_cls > 1 else 0.0) * p.beta
+    t[:, :n_cls].fill_(other)
+    t[torch.arange(c, device=dev), ya] = own
 
 
 def centre_block(p: LossProblem, rows: slice, dtype: torch.dtype) -> Tensor | None:

@@ -171,7 +171,7 @@ def _centres(centre_logits: Tensor) -> Tensor:
 
 
 def _centre_targets(beta: float, smooth: float, n_cls: int, aligned: bool) -> tuple[float, float]:
-    """(t of the own centre, t of every other centre), as problem.tile()."""
+    """(t of the own centre, t of every other centre), as problem.weights_into()."""
     if aligned or smooth == 0:
         return beta, 0.0
     return beta * (1.0 - smooth), (beta * smooth / (n_cls - 1) if n_cls > 1 else 0.0)
@@ -424,7 +424,7 @@ def refuses(p: LossProblem) -> list[str]:
     `row_statistics` / `row_gradients`)."""
     reasons = []
     if p.pos_mask is not None:
-        reasons.append("an explicit positive mask (SupCon `mask=`) is only supported by impl='reference'")
+        reasons.append("an explicit positive mask (SupCon `mask=`) is served by impl='torch' (and 'reference')")
     if p.z.dtype not in DTYPES:
         reasons.append(f"features of dtype {p.z.dtype} (the kernels take fp16/bf16/fp32; use impl='torch')")
     if p.z.is_cuda:

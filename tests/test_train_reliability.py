@@ -1,0 +1,243 @@
+"""Training under faults: bad images and labels, divergence, interrupted / corrupt / incompatible
+checkpoints, resumed logs, and the command line's checks (all on tiny MNIST-LT runs)."""
+
+import errno
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from train_common import small_args, small_cfg
+
+from train import checkpoint, config, engine
+from train.__main__ import main
+from train.data_checks import check_images, describe_classes
+from train.datasets import DataError, Split, read_split
+
+FAST = ("--data-loader", "pytorch", "--workers", "0", "--max-steps", "3")
+
+
+def _images(root, names, broken=()):
+    root.mkdir(exist_ok=True)
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((28, 28), 30 * i, np.uint8)).save(root / name)
+    for name in broken:
+        (root / name).write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 8)
+
+
+# ---------------------------------------------------------------------------------- bad data
+
+
+def test_image_check_names_bad_files_and_stamps_good_ones(tmp_path):
+    root = tmp_path / "data"
+    _images(root, ["a.jpg", "b.png"], broken=["bad1.jpg", "bad2.jpg"])
+    (root / "bad.txt").write_text("a.jpg 0\nbad1.jpg 1\nb.png 0\nbad2.jpg 1\n")
+    with pytest.raises(DataError, match=r"2 of 4 images cannot be decoded: .*bad1.jpg.*bad2.jpg"):
+        check_images(read_split(root / "bad.txt", root), tmp_path / "cache")
+    (root / "good.txt").write_text("a.jpg 0\nb.png 1\n")
+    good = read_split(root / "good.txt", root)
+    assert check_images(good, tmp_path / "cache") is True  # decoded
+    assert check_images(good, tmp_path / "cache") is False  # the stamp: nothing decoded
+    _images(root, ["a.jpg"], broken=["b.png"])  # a file changed: the stamp no longer applies
+    with pytest.raises(DataError, match="b.png"):
+        check_images(good, tmp_path / "cache")
+
+
+def _split_args(tmp_path, train_lines, val_lines="a.jpg 0\nb.jpg 1\n", *args):
+    root = tmp_path / "data"
+    _images(root, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], broken=["bad.jpg"])
+    (root / "train.txt").write_text(train_lines)
+    (root / "val.txt").write_text(val_lines)
+    return small_args(
+        tmp_path,
+        *("--dataset", "split", "--data-root", str(root), "--train-split", "train.txt", "--val-split", "val.txt"),
+        *("--batch-size", "2", "--cache-dir", str(tmp_path / "cache"), *args),
+    )
+
+
+@pytest.mark.parametrize("loader", ["dali", "pytorch"])
+def test_undecodable_validation_image_stops_before_training(tmp_path, capsys, loader):
+    args = _split_args(tmp_path, "a.jpg 0\nb.jpg 1\n", "a.jpg 0\nbad.jpg 1\n", "--data-loader", loader)
+    assert main(args) == 2  # not a segfault in the DALI decoder
+    assert "val.txt: 1 of 2 images cannot be decoded" in capsys.readouterr().err
+    assert not (tmp_path / "mnist_lt_acl" / "checkpoint.pt").exists()
+
+
+def test_classes_are_reported_and_a_named_count_is_enforced(tmp_path, capsys):
+    split = Split(tmp_path / "t.txt", tmp_path, ["x"] * 4, np.array([0, 1, 1, 12]))
+    line = describe_classes(split, 13, named=False)
+    assert "13 classes inferred from the training labels (max label 12)" in line
+    assert "10 have no training image: [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]" in line
+    args = _split_args(tmp_path, "a.jpg 0\nb.jpg 1\nc.jpg 12\n", "a.jpg 0\n", "--num-classes", "10")
+    assert main(args) == 2
+    assert "labels outside [0, 10)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line", ["../outside.jpg 0", "sub/../../outside.jpg 0", "/etc/passwd 0"])
+def test_split_paths_cannot_leave_the_data_root(tmp_path, line):
+    (tmp_path / "split.txt").write_text(f"a.jpg 0\n{line}\n")
+    with pytest.raises(DataError, match="line 2: image path .* leaves the data root"):
+        read_split(tmp_path / "split.txt", tmp_path)
+
+
+def test_epoch_checkpoint_is_written_before_evaluation(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(engine, "evaluate", crash)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        engine.train(small_cfg(tmp_path, *FAST))
+    state, _ = checkpoint.load(tmp_path / "mnist_lt_acl" / "checkpoint.pt")
+    assert (state["epoch"], state["step"]) == (1, 0)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def _state(v: float) -> dict:
+    return {"model": {"w": torch.full((64,), float(v))}, "epoch": int(v), "config": {"lr": 0.1}}
+
+
+def test_checkpoint_keeps_the_previous_one_and_falls_back_to_it(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(_state(1), path)
+    checkpoint.save(_state(2), path)
+    assert checkpoint.previous_path(path).is_file()
+    state, used = checkpoint.load(path)
+    assert used == path and state["epoch"] == 2
+    raw = bytearray(path.read_bytes())
+    at = raw.find(np.float32(2.0).tobytes() * 4)  # inside the tensor data: the zip stays readable
+    assert at > 0
+    raw[at + 1] ^= 0x10
+    path.write_bytes(bytes(raw))
+    messages = []
+    state, used = checkpoint.load(path, log=messages.append)
+    assert used == checkpoint.previous_path(path) and state["epoch"] == 1
+    assert "digest does not match" in messages[0] and "previous checkpoint" in messages[0]
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    state, used = checkpoint.load(path, log=messages.append)
+    assert state["epoch"] == 1 and "cannot be read" in messages[1]
+    checkpoint.previous_path(path).write_bytes(b"")  # and the previous one too
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
+        checkpoint.load(path)
+
+
+def test_checkpoint_is_data_not_code(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "payload": Split(path, tmp_path, [], np.zeros(0)), "sha256": ""}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read .*weights_only|WeightsUnpickler"):
+        checkpoint.load(path)
+
+
+def test_stale_temporaries_are_removed_and_a_full_disk_is_reported(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    dead = tmp_path / ".checkpoint.pt.tmp999999999"  # no such process
+    dead.write_bytes(b"x" * 1000)
+    checkpoint.save(_state(1), path)
+    assert not dead.exists() and path.is_file()
+    before = path.read_bytes()
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(checkpoint.CheckpointError, match="disk is full.*already saved .* are kept"):
+        checkpoint.save(_state(2), path)
+    assert path.read_bytes() == before and not list(tmp_path.glob(".checkpoint.pt.tmp*"))
+
+
+def test_incompatible_resume_is_refused_before_writing(tmp_path, capsys):
+    assert main(small_args(tmp_path, *FAST)) == 0
+    run = tmp_path / "mnist_lt_acl"
+    saved = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    args = small_args(tmp_path, *FAST, "--resume", "auto", "--epochs", "2", "--arch", "resnet32", "--proj-dim", "32")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    refused = err.split("(")[1].split(")")[0]
+    assert "arch: 'small_cnn' -> 'resnet32'" in refused and "proj_dim: 64 -> 32" in refused
+    assert "epochs" not in refused
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == saved  # config.yaml untouched
+    assert main(small_args(tmp_path, *FAST, "--resume", "auto", "--epochs", "2")) == 0
+    assert "resume: epochs changed from 1 to 2 (allowed)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- divergence
+
+
+def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    forward = engine.Objective.forward
+    calls = {"n": 0}
+
+    def nan_in_epoch_two(self, *args):
+        calls["n"] += 1
+        loss = forward(self, *args)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(engine.Objective, "forward", nan_in_epoch_two)
+    assert main(small_args(tmp_path, *FAST, "--epochs", "2", "--loss", "ce")) == 3
+    err = capsys.readouterr().err
+    assert "NaN/Inf" in err and "training diverged" in err and "last good checkpoint" in err
+    state, _ = checkpoint.load(tmp_path / "mnist_lt_acl" / "checkpoint.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+# -------------------------------------------------------------------- resumed logs and sums
+
+
+def _events(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_sigterm_on_the_last_step_then_resume_logs_every_step_once(tmp_path, monkeypatch):
+    args = (*FAST, "--epochs", "2", "--tensorboard", "true", "--progress", "false")
+    engine.train(small_cfg(tmp_path, *args, "--name", "straight"))
+    calls = {"n": 0}
+
+    def requested(self, device):
+        calls["n"] += 1
+        return calls["n"] == 3  # the last step of epoch 1
+
+    monkeypatch.setattr(engine._Stop, "requested", requested)
+    with pytest.raises(SystemExit):
+        engine.train(small_cfg(tmp_path, *args, "--name", "split"))
+    monkeypatch.undo()
+    engine.train(small_cfg(tmp_path, *args, "--name", "split", "--resume", "auto"))
+    straight, split = _events(tmp_path / "straight"), _events(tmp_path / "split")
+    assert straight == split and straight["train/loss"] == [3, 6] and straight["epoch/loss"] == [3, 6]
+    rows = [(tmp_path / n / "metrics.csv").read_text().splitlines() for n in ("straight", "split")]
+    losses = [[r.split(",")[2] for r in rs[1:]] for rs in rows]
+    assert losses[0] == losses[1]  # the resumed epoch's loss covers its steps before the SIGTERM
+    assert all(float(r.split(",")[7]) > 0 for r in rows[1][1:])  # images/s
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def test_every_option_has_help_with_its_default():
+    parser = config.build_parser(config.DEFAULTS)
+    missing = [a.dest for a in parser._actions if a.dest in config.DEFAULTS and not a.help]
+    assert not missing
+    text = parser.format_help()
+    assert "(default: 0.2)" in text and text.count("(default:") >= len(config.DEFAULTS)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--views", "foo"], "unknown augmentation recipe"),
+        (["--lr", "0"], "lr must be > 0"),
+        (["--temperature", "inf"], "temperature must be"),
+        (["--alpha", "-1"], "alpha must be >= 0"),
+        (["--momentum", "1.5"], "momentum must be"),
+        (["--std", "0,1,1"], "std > 0"),
+    ],
+)
+def test_invalid_values_are_refused_when_the_config_is_read(args, match):
+    with pytest.raises(config.ConfigError, match=match):
+        config.resolve(args)
