@@ -1,9 +1,8 @@
 """Triton backend: launchers of the fused kernels, the autograd glue and the dispatcher hooks.
 
 Layers (Liger style): `triton_kernels.py` holds only the `@triton.jit` kernels; here `fwd()` /
-`bwd()` check, allocate and launch; two `torch.library` custom ops (`acl_kernels::contrastive_fwd`,
-`acl_kernels::contrastive_bwd`, each with a fake implementation) carry them through
-`torch.compile` without a graph break, and `register_autograd` ties the backward to the forward.
+`bwd()` sort, check, allocate and launch, and are registered as the CUDA kernels of the op
+`acl_kernels::contrastive_fwd` / `contrastive_bwd` (schemas, fakes and autograd: op.py).
 `refuses()` / `triton_loss()` are what `acl_kernels.dispatch` calls.
 
 Under the Triton interpreter (TRITON_INTERPRET=1 set before this module is first imported) the
