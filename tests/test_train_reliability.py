@@ -152,11 +152,15 @@ def test_incompatible_resume_is_refused_before_writing(tmp_path, capsys):
     run = tmp_path / "mnist_lt_acl"
     saved = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     capsys.readouterr()
-    args = small_args(tmp_path, *FAST, "--resume", "auto", "--epochs", "2", "--arch", "resnet32", "--proj-dim", "32")
+    before = config.resolve(small_args(tmp_path, *FAST))
+    proj = before["proj_dim"] // 2
+    changes = ("--epochs", "2", "--arch", "resnet32", "--proj-dim", str(proj))
+    args = small_args(tmp_path, *FAST, "--resume", "auto", *changes)
     assert main(args) == 2
     err = capsys.readouterr().err
     refused = err.split("(")[1].split(")")[0]
-    assert "arch: 'small_cnn' -> 'resnet32'" in refused and "proj_dim: 64 -> 32" in refused
+    assert f"arch: '{before['arch']}' -> 'resnet32'" in refused
+    assert f"proj_dim: {before['proj_dim']} -> {proj}" in refused
     assert "epochs" not in refused
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == saved  # config.yaml untouched
     assert main(small_args(tmp_path, *FAST, "--resume", "auto", "--epochs", "2")) == 0
