@@ -296,6 +296,7 @@ RANGES = (
     *[(k, 0, None, True) for k in ("num_classes", "workers", "queue_size", "threads", "max_steps", "randaug_n")],
     *[(k, 0, None, True) for k in ("max_eval_batches", "stop_at_epoch", "warmup_epochs", "weight_decay", "seed")],
     *[(k, 1, None, True) for k in ("image_size", "eval_resize", "proj_dim", "eval_every", "imbalance")],
+    *[(k, 1, None, True) for k in ("batch_size", "epochs", "stop_check_every", "prefetch", "n_views")],
     ("lr", 0, None, False),
     ("momentum", 0, 1, True),
     ("moco_momentum", 0, 1, True),
@@ -351,17 +352,10 @@ def check(cfg: dict[str, Any]) -> None:
         )
     except (ValueError, TypeError) as e:
         raise ConfigError(f"loss setting: {e}") from e
-    if cfg["n_views"] < 1:
-        raise ConfigError(f"n_views must be >= 1, got {cfg['n_views']}")
     if cfg["loss"] in ("paco", "supcon", "gpaco") and cfg["n_views"] < 2:
         raise ConfigError(f"loss={cfg['loss']} needs n_views >= 2, got {cfg['n_views']}")
     if not cfg["views"]:
         raise ConfigError("views must list at least one augmentation recipe")
-    for key in ("stop_check_every", "prefetch"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
-    if cfg["batch_size"] < 1 or cfg["epochs"] < 1:
-        raise ConfigError("batch_size and epochs must be >= 1")
     if cfg["dataset"] == "split" and not (cfg["train_split"] and cfg["val_split"]):
         raise ConfigError("dataset=split needs train_split and val_split")
 

@@ -207,6 +207,17 @@ def _dali_pipeline(source, recipes, decode_device, opts, **pipe_kwargs):
     return pipe(**pipe_kwargs)
 
 
+def _rank_shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Rank `rank`'s contiguous share of an epoch's sample order."""
+    n = len(order)
+    return order[n * rank // world : n * (rank + 1) // world]
+
+
+def _steps(n: int, batch: int, train: bool) -> int:
+    """Batches in a shard of n samples: full batches when training, the last one partial in evaluation."""
+    return n // batch if train else -(-n // batch)
+
+
 def _weak_source(loader: DaliLoader) -> Callable:
     """loader._source through a weak reference. A bound method would make loader -> pipeline ->
     source -> loader a cycle, freed only by the cyclic garbage collector, which may then run in a
@@ -287,14 +298,11 @@ class DaliLoader:
     def shard(self, epoch: int) -> np.ndarray:
         """This rank's sample indices of `epoch`, in order."""
         if epoch not in self._shards:
-            order = self.order_of(epoch)
-            n = len(order)
-            self._shards = {epoch: order[n * self.rank // self.world : n * (self.rank + 1) // self.world]}
+            self._shards = {epoch: _rank_shard(self.order_of(epoch), self.rank, self.world)}
         return self._shards[epoch]
 
     def steps_of(self, epoch: int) -> int:
-        n = len(self.shard(epoch))
-        steps = n // self.batch if self.train else -(-n // self.batch)
+        steps = _steps(len(self.shard(epoch)), self.batch, self.train)
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def _read(self, epoch: int, step: int):
@@ -501,15 +509,13 @@ class TorchLoader:
         self.set_epoch(epoch, skip)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        order = self.order_of(epoch)
-        n = len(order)
-        shard = order[n * self.rank // self.world : n * (self.rank + 1) // self.world]
+        shard = _rank_shard(self.order_of(epoch), self.rank, self.world)
         if self.train:
             shard = shard[: len(shard) // self.batch * self.batch]
         self.skip = skip
         seed = _mix_seed(self.cfg["seed"], epoch, self.rank, int(self.train))
         self.dataset = _ViewDataset(self.split, shard, self.transforms, seed)
-        self.steps = len(shard) // self.batch if self.train else -(-len(shard) // self.batch)
+        self.steps = _steps(len(shard), self.batch, self.train)
         workers = self.cfg["workers"]
         self.loader = torch.utils.data.DataLoader(
             self.dataset,

@@ -151,6 +151,11 @@ def broadcast_buffers(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------ logs
 
 
+def _first_best(scored: tuple[float, int]) -> tuple[float, int]:
+    """Sort key of (top-1, epoch): the highest top-1, the earliest epoch among equals (as selection)."""
+    return scored[0], -scored[1]
+
+
 class Logs:
     """metrics.csv (one row per epoch), per_class.csv (per-class top-1 per epoch), TensorBoard (rank 0)."""
 
@@ -160,7 +165,7 @@ class Logs:
         self.active = active
         self.out = out
         self.tb = None
-        self.best_top1 = -1.0  # best top-1 of the epochs kept from before a resume
+        self.best = (-1.0, 0)  # (top-1, epoch) of the best epoch kept from before a resume
         if not active:
             return
         self.metrics = out / "metrics.csv"
@@ -176,8 +181,8 @@ class Logs:
                     rows = [r for r in csv.reader(f)][1:]
                 rows = [r for r in rows if r and int(r[0]) <= start_epoch]
             if path == self.metrics:
-                top1 = [float(r[self.FIELDS.index("top1")] or "nan") for r in rows]
-                self.best_top1 = max([t for t in top1 if not math.isnan(t)], default=-1.0)
+                top1 = [(float(r[self.FIELDS.index("top1")] or "nan"), int(r[0])) for r in rows]
+                self.best = max([b for b in top1 if not math.isnan(b[0])], key=_first_best, default=self.best)
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerows([header] + rows)
         if cfg["tensorboard"]:
@@ -370,7 +375,7 @@ def train(cfg: dict) -> dict:
                 scaler.load_state_dict(ck["scaler"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {resume} does not fit this model: {e}") from e
-        start_epoch, start_step, best = ck["epoch"], ck["step"], ck["best_top1"]  # best: see Logs.best_top1
+        start_epoch, start_step, best = ck["epoch"], ck["step"], ck["best_top1"]  # best: see Logs.best
         best_epoch = ck.get("best_epoch", 0)
         partial = ck.get("partial") or {}
         if start_step:
@@ -392,7 +397,8 @@ def train(cfg: dict) -> dict:
         net = torch.compile(net)
 
     logs = Logs(out, cfg, num_classes, start_epoch, main, start_epoch * steps + start_step)
-    best = max(best, logs.best_top1)  # the checkpoint is written before its epoch's evaluation
+    # the checkpoint is written before its epoch's evaluation: that evaluation is in metrics.csv only
+    best, best_epoch = max((best, best_epoch), logs.best, key=_first_best)
     stop = _Stop(cfg["stop_check_every"], steps)
 
     def diverged(epoch: int, step: int):

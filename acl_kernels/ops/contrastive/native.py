@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 
-from torch import Tensor
-
 from . import op
 from .problem import LossProblem
 
@@ -42,30 +40,8 @@ def refuses(p: LossProblem) -> list[str]:
     return reasons
 
 
-def native_loss(p: LossProblem) -> Tensor:
-    """[n_anchor] per-anchor losses (times loss_scale), differentiable through the op's autograd."""
-    assert not p.distributed, "a process group goes through acl_kernels.distributed"
-    loss, _ = op.contrastive_fwd(*op.problem_args(p))
-    return loss * p.loss_scale
-
-
-def row_statistics(p: LossProblem) -> tuple[Tensor, Tensor]:
-    """RowStats.forward: (losses [a] times loss_scale, stats [a, 4]) of the anchors p.anchors."""
-    loss, stats = op.contrastive_fwd(*op.problem_args(p), p.anchors.start, p.anchors.stop)
-    return loss * p.loss_scale, stats
-
-
-def row_gradients(
-    p: LossProblem, stats: Tensor, grad: Tensor, need_z: bool, need_u: bool
-) -> tuple[Tensor | None, Tensor | None]:
-    """RowStats.backward: (dL/dz of the rows p.own_rows, dL/du of the anchors p.anchors) from every
-    rank's anchors' stats and upstream gradients; one sweep of the kernel over the own rows."""
-    need_u = need_u and p.centre_logits is not None
-    coef = grad.to(stats.dtype) * p.loss_scale
-    dz, _, du = op.contrastive_bwd(
-        coef, stats, *op.problem_args(p), need_z, False, need_u, p.own_rows, p.anchors.start, p.anchors.stop
-    )
-    return (dz if need_z else None), (du if need_u else None)
+# the op's kernel for CPU tensors is the C++ one: the op's entry points serve this backend as they are
+native_loss, row_statistics, row_gradients = op.loss, op.row_statistics, op.row_gradients
 
 
 __all__ = ["MISSING", "refuses", "native_loss", "row_statistics", "row_gradients"]

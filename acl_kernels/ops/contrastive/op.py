@@ -138,3 +138,36 @@ def register_kernels(dispatch_key: str, fwd: Callable, bwd: Callable) -> None:
 
     _LIB.impl("contrastive_fwd", fwd_kernel, dispatch_key)
     _LIB.impl("contrastive_bwd", bwd_kernel, dispatch_key)
+
+
+# ---- what a backend built on the op computes (the Triton and native backends) -----------------
+
+
+def loss(p: LossProblem) -> Tensor:
+    """[n_anchor] per-anchor losses (times loss_scale) by the kernel of p's device, differentiable in
+    z, queue and centre_logits through the op's autograd."""
+    assert not p.distributed, "a process group goes through acl_kernels.distributed"
+    losses, _ = contrastive_fwd(*problem_args(p))
+    return losses * p.loss_scale
+
+
+def row_statistics(p: LossProblem) -> tuple[Tensor, Tensor]:
+    """RowStats.forward: (losses [a] times loss_scale, stats [a, 4]) of the anchors p.anchors against
+    all M columns (p.centre_logits holds those anchors' rows)."""
+    losses, stats = contrastive_fwd(*problem_args(p), p.anchors.start, p.anchors.stop)
+    return losses * p.loss_scale, stats
+
+
+def row_gradients(
+    p: LossProblem, stats: Tensor, grad: Tensor, need_z: bool, need_u: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """RowStats.backward: (dL/dz of the rows p.own_rows, dL/du of the anchors p.anchors) from every
+    rank's anchors' stats and upstream gradients: the row term of the own anchors and the column term
+    of all anchors against the own rows, one sweep of the kernel over the own rows."""
+    need_u = need_u and p.centre_logits is not None
+    coef = grad.to(stats.dtype) * p.loss_scale
+    dz, _, du = contrastive_bwd(
+        coef, stats, *problem_args(p), need_z, False, need_u, p.own_rows, p.anchors.start, p.anchors.stop
+    )
+    return (dz if need_z else None), (du if need_u else None)
+

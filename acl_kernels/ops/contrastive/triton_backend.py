@@ -19,6 +19,7 @@ import torch
 import triton
 from torch import Tensor
 
+from . import op
 from . import triton_kernels as K
 from .op import contrastive_bwd, contrastive_fwd, register_kernels
 from .problem import LossProblem
@@ -438,46 +439,15 @@ def refuses(p: LossProblem) -> list[str]:
 
 
 def triton_loss(p: LossProblem) -> Tensor:
-    """[n_anchor] per-anchor losses (times loss_scale), differentiable in z, queue and centre_logits."""
-    assert not p.distributed, "a process group goes through acl_kernels.distributed"
+    """op.loss, after the Triton backend's refusals (an explicit impl='triton' says why it cannot)."""
     reasons = refuses(p)
     if reasons:
         raise ValueError("impl='triton' cannot compute this loss: " + "; ".join(reasons))
-    loss, _ = contrastive_fwd(
-        p.z, p.contrast_labels(), p.queue, p.centre_logits, p.log_prior, p.w_same, p.w_other, p.n_anchor,
-        p.mode == "aligned", float(p.temperature), float(p.alpha), float(p.beta), float(p.supt), float(p.smooth),
-    )  # fmt: skip
-    return loss * p.loss_scale
+    return op.loss(p)
 
 
-def row_statistics(p: LossProblem) -> tuple[Tensor, Tensor]:
-    """RowStats.forward: (losses [a] times loss_scale, stats [a, 4] fp32) of the anchors p.anchors
-    against all M columns (p.centre_logits holds those anchors' rows)."""
-    loss, stats = fwd(
-        p.z, p.contrast_labels(), p.queue, p.centre_logits, p.log_prior, p.w_same, p.w_other, p.n_anchor,
-        p.mode == "aligned", float(p.temperature), float(p.alpha), float(p.beta), float(p.supt), float(p.smooth),
-        anchors=p.anchors,
-    )  # fmt: skip
-    return loss * p.loss_scale, stats
-
-
-def row_gradients(
-    p: LossProblem, stats: Tensor, grad: Tensor, need_z: bool, need_u: bool
-) -> tuple[Tensor | None, Tensor | None]:
-    """RowStats.backward: (dL/dz of the rows p.own_rows [n_own, d], dL/du of the anchors p.anchors).
-
-    stats [n_anchor, 4] and grad [n_anchor] are every rank's anchors'. The same backward kernel as
-    one process, its output rows taken from the index vector p.own_rows: the row term of the own
-    anchors and the column term of all anchors against the own rows, from one similarity tile.
-    """
-    coef = grad.to(torch.float32) * p.loss_scale
-    need_u = need_u and p.centre_logits is not None
-    dz, _, du = bwd(
-        coef, stats, p.z, p.contrast_labels(), p.queue, p.centre_logits, p.log_prior, p.w_same, p.w_other,
-        p.n_anchor, p.mode == "aligned", float(p.temperature), float(p.alpha), float(p.beta), float(p.supt),
-        float(p.smooth), need_z, False, need_u, out_rows=p.own_rows, anchors=p.anchors,
-    )  # fmt: skip
-    return dz, du
+# a process group: the same op (its kernel for this device is the Triton launchers above)
+row_statistics, row_gradients = op.row_statistics, op.row_gradients
 
 
 # ---- what the launchers can compile (sm90 compile test, bench/kernel_cost.py) -----------------
