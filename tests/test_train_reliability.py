@@ -80,15 +80,28 @@ def test_split_paths_cannot_leave_the_data_root(tmp_path, line):
         read_split(tmp_path / "split.txt", tmp_path)
 
 
-def test_epoch_checkpoint_is_written_before_evaluation(tmp_path, monkeypatch):
+def test_epoch_checkpoint_is_written_before_evaluation_and_a_resume_finishes_it(tmp_path, monkeypatch, capsys):
     def crash(*args, **kwargs):
         raise RuntimeError("evaluation crashed")
 
+    cfg = small_cfg(tmp_path, *FAST, "--epochs", "2", "--eval-every", "1")
+    real = engine.evaluate
     monkeypatch.setattr(engine, "evaluate", crash)
     with pytest.raises(RuntimeError, match="evaluation crashed"):
-        engine.train(small_cfg(tmp_path, *FAST))
-    state, _ = checkpoint.load(tmp_path / "mnist_lt_acl" / "checkpoint.pt")
+        engine.train(cfg)
+    run = tmp_path / "mnist_lt_acl"
+    state, _ = checkpoint.load(run / "checkpoint.pt")
     assert (state["epoch"], state["step"]) == (1, 0)
+    assert (run / "metrics.csv").read_text().splitlines()[1:] == []
+
+    monkeypatch.setattr(engine, "evaluate", real)
+    report = engine.train({**cfg, "resume": "auto"})
+    assert "epoch 1's evaluation did not finish before the run stopped: running it now" in capsys.readouterr().out
+    rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert all(r[3] for r in rows), "both epochs have a top-1"
+    assert float(rows[0][2]) == pytest.approx(state["row"]["loss"], rel=1e-5), "epoch 1's training loss is kept"
+    assert report["best_epoch"] in (1, 2) and (run / "result.json").is_file()
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -166,6 +166,7 @@ class Logs:
         self.out = out
         self.tb = None
         self.best = (-1.0, 0)  # (top-1, epoch) of the best epoch kept from before a resume
+        self.logged: set[int] = set()  # epochs with a row in metrics.csv
         if not active:
             return
         self.metrics = out / "metrics.csv"
@@ -181,6 +182,7 @@ class Logs:
                     rows = [r for r in csv.reader(f)][1:]
                 rows = [r for r in rows if r and int(r[0]) <= start_epoch]
             if path == self.metrics:
+                self.logged = {int(r[0]) for r in rows}
                 top1 = [(float(r[self.FIELDS.index("top1")] or "nan"), int(r[0])) for r in rows]
                 self.best = max([b for b in top1 if not math.isnan(b[0])], key=_first_best, default=self.best)
             with open(path, "w", newline="") as f:
@@ -409,8 +411,9 @@ def train(cfg: dict) -> dict:
             f"{kept}; lower the learning rate (lr={cfg['lr']}) or check the data"
         )
 
-    def save(epoch: int, step: int, partial: dict | None = None) -> None:
-        """Write the checkpoint of (epoch, step); refuse to if the loss or a weight is NaN/Inf."""
+    def save(epoch: int, step: int, partial: dict | None = None, row: dict | None = None) -> None:
+        """Write the checkpoint of (epoch, step); refuse to if the loss or a weight is NaN/Inf.
+        `row`: an ended epoch's training figures, for its metrics.csv row if its evaluation is cut off."""
         if not all_finite(loss_sum, model):
             diverged(epoch - (step == 0), step or steps)
         state = loader.state()  # every rank's loader (DALI: the pipeline's random state and position)
@@ -433,6 +436,7 @@ def train(cfg: dict) -> dict:
                     "loader": states if state is not None else None,
                     "config": {k: cfg[k] for k in config_mod.DEFAULTS},
                     "partial": partial,  # mid-epoch: the epoch's sums so far
+                    "row": row,  # epoch end: the epoch's training figures, its evaluation not yet run
                 },
                 out / CHECKPOINT,
             )
@@ -448,6 +452,42 @@ def train(cfg: dict) -> dict:
         )
     report: dict = {}
     done = start_epoch  # epochs completed
+    val_loader = None
+
+    def finish_epoch(epoch: int, row: dict) -> None:
+        """Evaluate the ended epoch (when due), keep the best weights, log its row."""
+        nonlocal report, best, best_epoch, val_loader
+        per_class = None
+        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
+            broadcast_buffers(model)
+            if val_loader is None:
+                val_loader = make_loader(
+                    cfg, val_split, train=False, epoch=0, rank=rank, world=world, device=device
+                )
+            report = evaluate(
+                net, cfg, val_split, num_classes, counts, rank, world, device, autocast, loader=val_loader
+            )
+            row.update({k: report[k] for k in ("top1", "many", "medium", "few")})
+            per_class = report["per_class"]
+            if report["top1"] > best:  # selection on the validation split; its weights kept for the test
+                best, best_epoch = report["top1"], epoch + 1
+                if main:
+                    checkpoint.save({"model": model.state_dict()}, out / BEST, keep_previous=False)
+        logs.epoch(row, per_class, (epoch + 1) * steps)
+        if main:
+            acc = (
+                (
+                    f" | top-1 {report['top1']:.2f} (Many {report['many']:.2f}, Medium {report['medium']:.2f}, "
+                    f"Few {report['few']:.2f})"
+                )
+                if per_class is not None
+                else ""
+            )
+            print(
+                f"epoch {epoch + 1}/{cfg['epochs']}: loss {row['loss']:.4f}, {row['images_per_s']:.0f} img/s{acc}",
+                flush=True,
+            )
+
     loader = make_loader(
         cfg,
         train_split,
@@ -459,8 +499,17 @@ def train(cfg: dict) -> dict:
         skip=start_step,
         state=loader_state,
     )  # one loader for the whole run (and one for evaluation): DALI's pipelines are built once
-    val_loader = None
     try:
+        # a run stopped during an epoch-end evaluation: the checkpoint holds that epoch's training
+        # figures and metrics.csv has no row for it, so it is evaluated (and logged) now
+        missed = ck is not None and start_step == 0 and ck.get("row") is not None and start_epoch not in logs.logged
+        if world > 1:
+            flag = [missed]
+            dist.broadcast_object_list(flag, src=0)  # rank 0 read metrics.csv
+            missed = flag[0]
+        if missed:
+            say(f"epoch {start_epoch}'s evaluation did not finish before the run stopped: running it now")
+            finish_epoch(start_epoch - 1, ck["row"])
         for epoch in range(start_epoch, cfg["epochs"]):
             skip = start_step if epoch == start_epoch else 0
             torch.manual_seed(_mix_seed(cfg["seed"], epoch, rank))
@@ -525,37 +574,8 @@ def train(cfg: dict) -> dict:
                 "images_per_s": seen / elapsed,
                 "epoch_s": elapsed,
             }
-            save(epoch + 1, 0)  # before the evaluation: a crash there loses no training
-            per_class = None
-            if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
-                broadcast_buffers(model)
-                if val_loader is None:
-                    val_loader = make_loader(
-                        cfg, val_split, train=False, epoch=0, rank=rank, world=world, device=device
-                    )
-                report = evaluate(
-                    net, cfg, val_split, num_classes, counts, rank, world, device, autocast, loader=val_loader
-                )
-                row.update({k: report[k] for k in ("top1", "many", "medium", "few")})
-                per_class = report["per_class"]
-                if report["top1"] > best:  # selection on the validation split; its weights kept for the test
-                    best, best_epoch = report["top1"], epoch + 1
-                    if main:
-                        checkpoint.save({"model": model.state_dict()}, out / BEST, keep_previous=False)
-            logs.epoch(row, per_class, (epoch + 1) * steps)
-            if main:
-                acc = (
-                    (
-                        f" | top-1 {report['top1']:.2f} (Many {report['many']:.2f}, Medium {report['medium']:.2f}, "
-                        f"Few {report['few']:.2f})"
-                    )
-                    if per_class is not None
-                    else ""
-                )
-                print(
-                    f"epoch {epoch + 1}/{cfg['epochs']}: loss {row['loss']:.4f}, {row['images_per_s']:.0f} img/s{acc}",
-                    flush=True,
-                )
+            save(epoch + 1, 0, row=row)  # before the evaluation: a crash there loses no training
+            finish_epoch(epoch, row)
             done = epoch + 1
             if cfg["stop_at_epoch"] and epoch + 1 == cfg["stop_at_epoch"] and epoch + 1 < cfg["epochs"]:
                 if main:
