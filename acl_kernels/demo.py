@@ -32,12 +32,21 @@ def preset_values(seed: int = 0) -> list[tuple[str, float, float]]:
     out = []
     for name, make, call in [
         ("SupConLoss", lambda impl: SupConLoss(0.1, impl=impl), lambda m: m(feats, labels)),
-        ("PaCoLoss", lambda impl: PaCoLoss(0.05, temperature=0.2, K=k, num_classes=c, impl=impl),
-         lambda m: m(paco_feats, paco_labels, logits[:bsz])),
-        ("GPaCoLoss", lambda impl: GPaCoLoss(0.05, temperature=0.2, K=k, num_classes=c, impl=impl),
-         lambda m: m(paco_feats, paco_labels, logits)),
-        ("ACLLoss", lambda impl: ACLLoss(c, impl=impl),
-         lambda m: m(feats, labels, logits.view(views, bsz, c).transpose(0, 1), queue, queue_labels)),
+        (
+            "PaCoLoss",
+            lambda impl: PaCoLoss(0.05, temperature=0.2, K=k, num_classes=c, impl=impl),
+            lambda m: m(paco_feats, paco_labels, logits[:bsz]),
+        ),
+        (
+            "GPaCoLoss",
+            lambda impl: GPaCoLoss(0.05, temperature=0.2, K=k, num_classes=c, impl=impl),
+            lambda m: m(paco_feats, paco_labels, logits),
+        ),
+        (
+            "ACLLoss",
+            lambda impl: ACLLoss(c, impl=impl),
+            lambda m: m(feats, labels, logits.view(views, bsz, c).transpose(0, 1), queue, queue_labels),
+        ),
     ]:
         values = []
         for impl in ("reference", "torch"):
@@ -89,8 +98,9 @@ def _child(n: int, d: int, mode: str, what: str, repeats: int, impls: list[str],
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(n: int, d: int, mode: str = "softmax", repeats: int = 3,
-            impls: tuple[str, ...] = ("reference", "torch")) -> dict[str, dict]:
+def measure(
+    n: int, d: int, mode: str = "softmax", repeats: int = 3, impls: tuple[str, ...] = ("reference", "torch")
+) -> dict[str, dict]:
     """Per impl: median fwd+bwd time over `repeats` interleaved steps (one process, after a warm-up
     round) and the peak resident memory beyond the inputs of one step (a fresh process per impl).
     A failure (e.g. out of memory) is recorded as {"error": message}."""
@@ -123,8 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, ref, tor in preset_values():
         print(f"{name:<12}{ref:>14.6f}{tor:>14.6f}{abs(ref - tor) / abs(ref):>12.1e}")
 
-    print(f"\nSupCon fwd+bwd on CPU ({torch.get_num_threads()} threads), d={args.dim}, fp32, "
-          f"median of {args.repeats}; memory = peak RSS beyond inputs:")
+    print(
+        f"\nSupCon fwd+bwd on CPU ({torch.get_num_threads()} threads), d={args.dim}, fp32, "
+        f"median of {args.repeats}; memory = peak RSS beyond inputs:"
+    )
     print(f"{'N':>7}{'impl':>11}{'time [s]':>11}{'peak [MiB]':>12}{'time ratio':>12}{'memory ratio':>14}")
     for n in args.sizes:
         started = time.perf_counter()
@@ -136,8 +148,10 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             ratio = ""
             if impl == "torch" and "error" not in ref:
-                ratio = (f"{r['time_s'] / ref['time_s']:>12.2f}"
-                         f"{r['peak_extra_bytes'] / max(ref['peak_extra_bytes'], 1):>14.3f}")
+                ratio = (
+                    f"{r['time_s'] / ref['time_s']:>12.2f}"
+                    f"{r['peak_extra_bytes'] / max(ref['peak_extra_bytes'], 1):>14.3f}"
+                )
             print(f"{n:>7}{impl:>11}{r['time_s']:>11.3f}{r['peak_extra_bytes'] / 2**20:>12.1f}{ratio}")
         print(f"{'':>7}({time.perf_counter() - started:.0f} s for this size)")
 

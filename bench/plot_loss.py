@@ -56,7 +56,7 @@ def main(argv=None) -> None:
                    title="{} d={} V={} {}".format(*key))  # fmt: skip
             if ax.lines:
                 ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(keys):]:
+        for ax in list(axes.flat)[len(keys) :]:
             ax.axis("off")
         fig.suptitle(f"{device} @ {newest[1]} ({newest[0]}); dotted: out of memory from there", fontsize=9)
         fig.tight_layout()

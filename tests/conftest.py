@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = "value",
-                 atol: float = 0.0) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = "value", atol: float = 0.0
+) -> None:
     """Fail on NaN/Inf, or when the worst |actual - expected| exceeds rtol * max|expected| + atol.
 
     The error is measured against the tensor's scale (not element-wise), so tiny entries of a
@@ -77,8 +78,9 @@ def rng():
     return torch.Generator().manual_seed(seed)
 
 
-def make_case(rng, n, d, n_classes, *, n_anchor=None, queue=0, centres=False, dtype=torch.float32,
-              labels=None, prior=True):
+def make_case(
+    rng, n, d, n_classes, *, n_anchor=None, queue=0, centres=False, dtype=torch.float32, labels=None, prior=True
+):
     """Unit rows z [n, d] (+ queue [queue, d], + centre logits) with random labels.
 
     Returns (z, labels, keyword arguments of contrastive_loss, the inputs that require grad).

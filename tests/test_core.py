@@ -56,8 +56,24 @@ def test_blocks_and_weights(rng, cpu_impl, mode, queue, centres, weighting):
     n, c = 90, 11
     z, y, kw, inputs = make_case(rng, n, 24, c, n_anchor=40, queue=queue, centres=centres)
     prior = torch.rand(c, generator=rng) + 0.01
-    compare(z, y, kw, inputs, 1e-5, cpu_impl, mode=mode, temperature=0.2, alpha=0.3, beta=1.5, gamma=0.7,
-            supt=0.8, negative_weight=weighting, class_prior=prior, kappa=0.5, base_temperature=0.1)
+    compare(
+        z,
+        y,
+        kw,
+        inputs,
+        1e-5,
+        cpu_impl,
+        mode=mode,
+        temperature=0.2,
+        alpha=0.3,
+        beta=1.5,
+        gamma=0.7,
+        supt=0.8,
+        negative_weight=weighting,
+        class_prior=prior,
+        kappa=0.5,
+        base_temperature=0.1,
+    )
 
 
 @pytest.mark.parametrize("mode", ["softmax", "aligned"])
@@ -70,9 +86,7 @@ def test_views(rng, cpu_impl, mode, views):
 
 
 @pytest.mark.parametrize("mode", ["softmax", "aligned"])
-@pytest.mark.parametrize(
-    "case", ["all_equal", "one_sample_class", "no_positives", "no_positives_with_centres"]
-)
+@pytest.mark.parametrize("case", ["all_equal", "one_sample_class", "no_positives", "no_positives_with_centres"])
 def test_label_corner_cases(rng, cpu_impl, mode, case):
     n = 40
     if case == "all_equal":
@@ -82,8 +96,7 @@ def test_label_corner_cases(rng, cpu_impl, mode, case):
         labels[7] = 5
     else:
         labels = torch.randperm(n, generator=rng)
-    z, y, kw, inputs = make_case(rng, n, 16, n, labels=labels, centres=case == "no_positives_with_centres",
-                                 queue=0)
+    z, y, kw, inputs = make_case(rng, n, 16, n, labels=labels, centres=case == "no_positives_with_centres", queue=0)
     compare(z, y, kw, inputs, 1e-5, cpu_impl, mode=mode, temperature=0.1, negative_weight="batch")
 
 

@@ -34,8 +34,19 @@ def test_gradcheck(rng, impl, mode, blocks, weighting):
         if blocks in ("centres", "all"):
             extra["centre_logits"] = xs[-1]
         return contrastive_loss(
-            xs[0], y, mode=mode, temperature=0.5, n_anchor=n_anchor, alpha=0.7, beta=1.2,
-            negative_weight=weighting, class_prior=prior, impl=impl, reduction="none", **kw, **extra,
+            xs[0],
+            y,
+            mode=mode,
+            temperature=0.5,
+            n_anchor=n_anchor,
+            alpha=0.7,
+            beta=1.2,
+            negative_weight=weighting,
+            class_prior=prior,
+            impl=impl,
+            reduction="none",
+            **kw,
+            **extra,
         )
 
     assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-7)

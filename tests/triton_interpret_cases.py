@@ -92,8 +92,21 @@ def test_half_inputs(rng, mode, dtype):
 def test_anchor_subset_with_queue_and_centres(rng, mode, smooth):
     """PaCo's layout: anchors are the first rows; key rows and queue rows get the column gradient only."""
     z, y, kw, inputs = make_case(rng, 90, 24, 7, n_anchor=45, queue=33, centres=True)
-    compare(z, y, kw, inputs, rng=rng, mode=mode, smooth=smooth, gamma=0.7, alpha=0.3, beta=0.8, supt=0.9,
-            base_temperature=0.2, temperature=0.15)
+    compare(
+        z,
+        y,
+        kw,
+        inputs,
+        rng=rng,
+        mode=mode,
+        smooth=smooth,
+        gamma=0.7,
+        alpha=0.3,
+        beta=0.8,
+        supt=0.9,
+        base_temperature=0.2,
+        temperature=0.15,
+    )
 
 
 def test_detached_queue(rng):

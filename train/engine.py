@@ -461,9 +461,7 @@ def train(cfg: dict) -> dict:
         if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
             broadcast_buffers(model)
             if val_loader is None:
-                val_loader = make_loader(
-                    cfg, val_split, train=False, epoch=0, rank=rank, world=world, device=device
-                )
+                val_loader = make_loader(cfg, val_split, train=False, epoch=0, rank=rank, world=world, device=device)
             report = evaluate(
                 net, cfg, val_split, num_classes, counts, rank, world, device, autocast, loader=val_loader
             )

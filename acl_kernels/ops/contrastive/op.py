@@ -170,4 +170,3 @@ def row_gradients(
         coef, stats, *problem_args(p), need_z, False, need_u, p.own_rows, p.anchors.start, p.anchors.stop
     )
     return (dz if need_z else None), (du if need_u else None)
-
