@@ -16,9 +16,9 @@ package_dir = {"acl_train": "train"}
 packages = find_packages(include=["acl_kernels", "acl_kernels.*"])
 packages += ["acl_train"] + [f"acl_train.{p}" for p in find_packages("train")]
 
-SOURCES = (
-    sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")) if os.path.isdir("csrc") else []
-)
+CSRC = sorted(os.path.join("csrc", f) for f in os.listdir("csrc")) if os.path.isdir("csrc") else []
+SOURCES = [f for f in CSRC if f.endswith(".cpp")]
+HEADERS = [f for f in CSRC if f.endswith(".h")]
 
 
 def native_extension():
@@ -41,8 +41,13 @@ def native_extension():
                 )
                 self.extensions = []
 
-    flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]
-    ext = CppExtension("acl_kernels._C", SOURCES, extra_compile_args=flags, extra_link_args=["-fopenmp"])
+    # -fno-trapping-math (as PyTorch builds): a select between two float expressions may evaluate
+    # both, so the tile loops can be vectorised; the AVX2 + FMA copy of those loops is chosen at run
+    # time (csrc/contrastive_cpu.cpp), so no -march flag ties the build to this CPU
+    flags = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    ext = CppExtension(
+        "acl_kernels._C", SOURCES, depends=HEADERS, extra_compile_args=flags, extra_link_args=["-fopenmp"]
+    )
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}
 
 

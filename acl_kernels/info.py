@@ -33,7 +33,7 @@ def report() -> list[str]:
         lines.append(f"  {name:<10} {WHERE[name]:<48} {status}")
     native = sys.modules.get("acl_kernels._C")
     if native is not None:
-        lines.append(f"native kernel: {native.__file__}")
+        lines.append(f"native kernel: {native.__file__}; tile loops: {native.isa()} instruction set")
     elif shutil.which("c++") is None and shutil.which("g++") is None:
         lines.append("no C++ compiler on PATH: the install could not build the native kernel")
     return lines

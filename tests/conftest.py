@@ -114,12 +114,20 @@ def require_native() -> None:
         pytest.skip(missing)
 
 
-@pytest.fixture(params=["torch", "native"])
+@pytest.fixture(params=["torch", "native", "native-baseline"])
 def cpu_impl(request):
-    """Each fast CPU backend: the chunked torch path and the native C++ kernel (require_native)."""
-    if request.param == "native":
-        require_native()
-    return request.param
+    """Each fast CPU backend: the chunked torch path and the native C++ kernel (require_native),
+    the latter with the tile loops of its run-time pick (AVX2 + FMA where the CPU has them) and of
+    the x86-64 baseline (ACL_KERNELS_NATIVE_ISA=default)."""
+    if request.param == "torch":
+        return "torch"
+    require_native()
+    if request.param == "native-baseline":
+        request.getfixturevalue("monkeypatch").setenv("ACL_KERNELS_NATIVE_ISA", "default")
+        from acl_kernels import _C
+
+        assert _C.isa() == "default"
+    return "native"
 
 
 @pytest.fixture(scope="session")
