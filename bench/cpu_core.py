@@ -63,6 +63,13 @@ def main() -> None:
     parser.add_argument("--reference-max", type=int, default=4096, help="largest N the reference runs at")
     args = parser.parse_args()
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    device = platform.processor() or platform.machine()
+    try:  # the instruction set of the native kernel's tile loops (from 2026-11-26 on)
+        from acl_kernels import _C
+
+        device += f" native:{_C.isa()}"
+    except ImportError:
+        pass
     if os.path.exists(OUT):
         with open(OUT) as f:
             assert next(csv.reader(f)) == HEADER, f"{OUT}: unexpected header"
@@ -80,7 +87,7 @@ def main() -> None:
                     if "error" in r:
                         print(f"{mode} N={n} {impl}: {r['error']}")
                         continue
-                    row = [datetime.date.today().isoformat(), sha, platform.processor() or platform.machine(),
+                    row = [datetime.date.today().isoformat(), sha, device,
                            torch.get_num_threads(), torch.__version__, mode, n, args.dim, impl,
                            f"{r['time_s']:.4f}", f"{r['peak_extra_bytes'] / 2**20:.1f}",
                            ratio(results, impl, "reference", "time_s"),
