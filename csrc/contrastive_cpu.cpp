@@ -1,5 +1,7 @@
 // Native CPU kernel of the fused contrastive loss: the CPU dispatch key of the ops
 // acl_kernels::contrastive_fwd / contrastive_bwd (schemas: acl_kernels/ops/contrastive/op.py).
+// The tile loops live in contrastive_tiles.h, compiled below once per instruction set (the x86-64
+// baseline and AVX2 + FMA, picked per call); this file holds the op kernels around them.
 //
 // The same streaming algorithm as the Triton kernels (acl_kernels/ops/contrastive/README.md):
 // anchors in row blocks of BM (at::parallel_for), contrast columns in tiles of BN, the similarity

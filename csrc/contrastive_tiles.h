@@ -8,8 +8,9 @@
 // baseline (SSE2) GCC still leaves them scalar; with AVX2 they run 8 lanes wide.
 // 2^x for float that the compiler vectorises (no call, no branch): x = n + r, |r| <= 1/2, a
 // degree-7 polynomial of e^(r ln 2) (relative error ~1e-8, below fp32 rounding) times 2^n from the
-// exponent bits. Arguments below -126 give 0 (the kernels only exponentiate x <= 0, or discard the
-// result), above 127 are clamped.
+// exponent bits. Arguments below -126 give 0, above 127 are clamped: the result is finite for any
+// finite x, so a left-out column's weight of 0 times it is 0 (the kernels need the true value only
+// for x <= 0).
 inline float exp2_fast(float x) {
   const float xc = std::min(std::max(x, -126.0f), 127.0f);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
