@@ -122,11 +122,8 @@ void row_forward(const Problem<T>& p, int64_t i, const T* s, int64_t j0, int64_t
   const T* wo = p.w_other + j0;
   const T k2 = p.k2;
   const int64_t self = i - j0;  // column of the anchor itself (outside [0, nb) for most tiles)
-  const bool only_negatives = p.aligned;  // aligned: the max of the negatives only (the mass / 2^m >= 1)
   T tile_max = no_max<T>();
-  // the tile loops load every operand unconditionally and combine conditions with & and |, not
-  // && and ||: a conditional load is control flow, and the loop would not vectorise
-  const bool keep_same = !only_negatives;
+  const bool keep_same = !p.aligned;  // aligned: the max of the negatives only (the mass / 2^m >= 1)
 #pragma omp simd reduction(max : tile_max)
   for (int64_t j = 0; j < nb; ++j) {
     const bool same = y[j] == yi, other_kept = wo[j] > 0;

@@ -8,11 +8,14 @@ from acl_kernels import contrastive_loss
 from acl_kernels.ops.contrastive import chunked
 
 
-def run(z, y, kw, inputs, impl, rng_state, **extra):
+def upstream_for(z, kw):
+    """A random float64 upstream gradient, one entry per anchor (what run's losses hold)."""
+    return torch.randn(kw.get("n_anchor") or z.shape[0], dtype=torch.float64)
+
+
+def run(z, y, kw, inputs, impl, upstream, **extra):
     losses = contrastive_loss(z, y, impl=impl, reduction="none", **kw, **extra)
-    torch.random.set_rng_state(rng_state)
-    upstream = torch.randn(losses.shape, dtype=torch.float64).to(losses.dtype)
-    grads = torch.autograd.grad(losses, inputs, upstream)
+    grads = torch.autograd.grad(losses, inputs, upstream.to(losses.dtype))
     return losses, grads
 
 
@@ -28,13 +31,12 @@ def as_float64(kw, inputs):
 
 def compare(z, y, kw, inputs, rtol, impl="torch", **extra):
     """`impl` vs the float64 reference; the fp32 reference's own error sets the bar where it is larger."""
-    state = torch.random.get_rng_state()
+    upstream = upstream_for(z, kw)
     z64, kw64, inputs64 = as_float64(kw, inputs)
-    oracle = run(z64, y, kw64, inputs64, "reference", state, **extra)
-    base = run(z, y, kw, inputs, "reference", state, **extra)
-    got = run(z, y, kw, inputs, impl, state, **extra)
-    torch.random.set_rng_state(state)
-    atol = rounding_floor(extra.get("temperature", 0.07), torch.randn(oracle[0].shape, dtype=torch.float64))
+    oracle = run(z64, y, kw64, inputs64, "reference", upstream, **extra)
+    base = run(z, y, kw, inputs, "reference", upstream, **extra)
+    got = run(z, y, kw, inputs, impl, upstream, **extra)
+    atol = rounding_floor(extra.get("temperature", 0.07), upstream)
     assert_close_to_oracle(got[0], base[0], oracle[0], rtol, "loss", atol)
     for i, (g, b, o) in enumerate(zip(got[1], base[1], oracle[1])):
         assert_close_to_oracle(g, b, o, rtol, f"grad[{i}]", atol)
@@ -114,12 +116,12 @@ def test_no_positive_anchor_contributes_zero(rng, cpu_impl):
 def test_small_temperature(rng, cpu_impl, mode):
     """tau = 0.01 puts logits at +-100: the fp32 CPU backends must still match the fp64 oracle."""
     z, y, kw, inputs = make_case(rng, 64, 16, 4, centres=True)
-    state = torch.random.get_rng_state()
+    upstream = upstream_for(z, kw)
     z64 = z.detach().double().requires_grad_()
     u64 = kw["centre_logits"].detach().double().requires_grad_()
     kw64 = dict(kw, centre_logits=u64)
-    ref = run(z64, y, kw64, [z64, u64], "reference", state, mode=mode, temperature=0.01)
-    got = run(z, y, kw, inputs, cpu_impl, state, mode=mode, temperature=0.01)
+    ref = run(z64, y, kw64, [z64, u64], "reference", upstream, mode=mode, temperature=0.01)
+    got = run(z, y, kw, inputs, cpu_impl, upstream, mode=mode, temperature=0.01)
     assert_close(got[0], ref[0], 1e-4, "loss")
     for g, r in zip(got[1], ref[1]):
         assert_close(g, r, 1e-4, "grad")
@@ -130,10 +132,10 @@ def test_small_temperature(rng, cpu_impl, mode):
 def test_half_inputs(rng, cpu_impl, dtype, mode):
     """Half inputs are accumulated in fp32: within 2e-2 of the fp64 oracle on the same (rounded) data."""
     z, y, kw, inputs = make_case(rng, 96, 32, 5, dtype=dtype)
-    state = torch.random.get_rng_state()
+    upstream = upstream_for(z, kw)
     z64 = z.detach().double().requires_grad_()
-    ref = run(z64, y, kw, [z64], "reference", state, mode=mode, temperature=0.1)
-    got = run(z, y, kw, inputs, cpu_impl, state, mode=mode, temperature=0.1)
+    ref = run(z64, y, kw, [z64], "reference", upstream, mode=mode, temperature=0.1)
+    got = run(z, y, kw, inputs, cpu_impl, upstream, mode=mode, temperature=0.1)
     assert got[1][0].dtype == dtype
     assert_close(got[0], ref[0], 2e-2, "loss")
     assert_close(got[1][0], ref[1][0], 2e-2, "grad")
