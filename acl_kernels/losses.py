@@ -264,6 +264,8 @@ class ACLLoss(_CentreLoss):
             "none".
         kappa (1.0): exponent of the "prior" weighting.
         logit_adjust (True): add log(pi) to the centre logits once cal_weight_for_classes was called.
+        mode ("aligned"): "softmax" gives all positives of an anchor one shared denominator, as
+            SupCon, with everything else unchanged (the ablation of the aligned denominators).
 
     forward(features [bsz, n_views, d] unit rows (any n_views >= 1), labels [bsz],
             sup_logits [bsz, n_views, C] or None (no centre block),
@@ -283,12 +285,13 @@ class ACLLoss(_CentreLoss):
         negative_weight: str = "batch",
         kappa: float = 1.0,
         logit_adjust: bool = True,
+        mode: str = "aligned",
         impl: str = "auto",
         process_group=None,
     ):
         super().__init__(num_classes)
         s = check_settings(
-            mode="aligned",
+            mode=mode,
             temperature=temperature,
             base_temperature=base_temperature,
             alpha=alpha,
@@ -302,7 +305,7 @@ class ACLLoss(_CentreLoss):
         self.temperature, self.base_temperature = s["temperature"], s["base_temperature"]
         self.alpha, self.beta, self.gamma, self.supt = s["alpha"], s["beta"], s["gamma"], s["supt"]
         self.negative_weight = s["negative_weight"]
-        self.kappa = s["kappa"]
+        self.kappa, self.mode = s["kappa"], s["mode"]
         self.logit_adjust = checks.flag("logit_adjust", logit_adjust)
         self.impl = impl
         self.process_group = process_group
@@ -332,7 +335,7 @@ class ACLLoss(_CentreLoss):
         return contrastive_loss(
             z,
             labels,
-            mode="aligned",
+            mode=self.mode,
             queue=queue,
             queue_labels=queue_labels,
             centre_logits=centre,

@@ -57,6 +57,8 @@ DEFAULTS: dict[str, Any] = {
     "temperature": 0.2,
     "smooth": 0.0,  # label smoothing of the centre target (gpaco)
     "negative_weight": "batch",  # acl: none | batch | prior
+    "acl_mode": "aligned",  # acl: aligned (a denominator per positive) | softmax (one shared, as SupCon)
+    "acl_centres": True,  # acl: class centres in the loss; false: samples only, plus a logit-adjusted CE
     "kappa": 1.0,
     "logit_adjust": True,  # add log(class prior) to the centre logits while training
     "queue_size": 0,  # K: MoCo-style queue of detached keys (paco, gpaco, acl)
@@ -104,6 +106,7 @@ CHOICES = {
     "head": ("mlp_bn", "mlp3"),
     "loss": ("acl", "paco", "gpaco", "supcon", "ce", "la"),
     "negative_weight": ("none", "batch", "prior"),
+    "acl_mode": ("aligned", "softmax"),
     "freeze": ("", "all_but_last_block"),
     "schedule": ("cosine", "step"),
     "amp": ("auto", "bf16", "fp16", "none"),
@@ -145,6 +148,10 @@ HELP = {
     "smooth": "label smoothing of the centre target (gpaco), in [0, 1)",
     "negative_weight": "acl: weighting of the negatives (none, batch = 1 / class count, prior = pi^-kappa)",
     "kappa": "exponent of negative_weight=prior",
+    "acl_mode": "acl: aligned (every positive its own denominator of itself and the negatives) or softmax "
+    "(one denominator shared by all positives, as SupCon; for ablations)",
+    "acl_centres": "acl: class centres (the classifier's rows) in the loss; false: the loss over samples only, "
+    "plus a logit-adjusted cross-entropy that trains the classifier (for ablations)",
     "logit_adjust": "add log(class prior) to the centre logits while training",
     "queue_size": "K: queue of detached keys from earlier batches (paco, gpaco, acl); 0: none",
     "moco_momentum": "momentum of the paco key encoder",

@@ -72,6 +72,7 @@ class Objective(nn.Module):
                 negative_weight=cfg["negative_weight"],
                 kappa=cfg["kappa"],
                 logit_adjust=cfg["logit_adjust"],
+                mode=cfg["acl_mode"],
                 impl=cfg["loss_impl"],
                 **common,
                 **_group_kwargs(ACLLoss),
@@ -141,10 +142,13 @@ class Objective(nn.Module):
             self._enqueue(z[-bsz:], labels)  # the official code enqueues the key (last) view only
             return loss
         zv = z.view(n_views, bsz, -1).transpose(0, 1)
-        lv = logits.view(n_views, bsz, -1).transpose(0, 1)
+        lv = logits.view(n_views, bsz, -1).transpose(0, 1) if self.cfg["acl_centres"] else None
         has_q = queue.shape[0] > 0
         loss = self.loss(zv, labels, lv, queue if has_q else None, queue_labels if has_q else None)
         self._enqueue(z, y)
+        if lv is None:  # no centres in the loss: the classifier learns from a logit-adjusted CE beside it
+            adjust = self.log_prior if self.cfg["logit_adjust"] else 0.0
+            loss = F.cross_entropy(logits + adjust, y) + loss
         return loss
 
     def _paco(self, model: nn.Module, views: list[Tensor], labels: Tensor, autocast) -> Tensor:
