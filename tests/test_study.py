@@ -42,6 +42,8 @@ def _row(phase, loss, v, seed, top1, few, settings=None, variant="", val=None, c
         "val_top1": str(top1 if val is None else val),
         "test_top1": str(top1),
         "test_few": str(few),
+        "test_many": "90",
+        "test_medium": "80",
         "val_curve": curve,
     }
 
@@ -88,3 +90,16 @@ def test_plan_stages_wait_for_the_search_and_skip_the_unchanged_ablation():
     assert variants == changed and "gamma 1" not in variants  # best_acl has gamma 1
     assert "negatives by batch count" not in variants  # the base config's own weighting
     assert {j["run"]["n_views"] for j in stages[5]} == {4, 8}
+
+
+def test_readme_table_is_rewritten_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{rep.README_BEGIN}\nold table\n{rep.README_END}\nafter\n")
+    rows = [
+        _row("grid", lo, 2, s, 80 + s + (lo == "acl"), 50 + 2 * (lo == "acl")) for lo in ("la", "acl") for s in (1, 2)
+    ]
+    rep.update_readme(readme, rows)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{rep.README_END}\nafter\n") and "old table" not in text
+    assert "| ACL (2) | 2 | 82.5 ± 6.4 |" in text  # mean of 82, 83 with a t-interval over 2 seeds
+    assert "| logit-adjusted CE (2) | 2 |" in text and "+1.0 [+1.0, +1.0] | +2.0 [+2.0, +2.0] |" in text

@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             run_jobs(plan(rows, losses, args)[stage], rows, csv_path, args.jobs)
     report.write_report(rows, results)
     report.save_configs(rows, Path(args.configs))
+    report.update_readme(Path(__file__).resolve().parents[1] / "README.md", rows)
     print(f"wrote {results / 'study.md'}, the plots and the chosen configs", flush=True)
     return 0
 

@@ -251,18 +251,58 @@ def _search_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+# ---------------------------------------------------------------- README
+
+README_BEGIN, README_END = "<!-- study table: written by python -m train.study -->", "<!-- end of study table -->"
+
+
+def readme_table(rows: list[dict]) -> list[str]:
+    """The README's table: every loss at its validated config, and ACL's paired differences."""
+    lines = ["| loss (V) | seeds | All | Many | Medium | Few | ACL − loss, All | ACL − loss, Few |"]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    acl = chosen_cell(rows, "acl")
+    for loss in LOSS_NAMES:
+        chosen = chosen_cell(rows, loss)
+        if not chosen:
+            continue
+        v, rs = chosen
+        cols = [fmt(*mean_ci([float(r[f"test_{m}"]) for r in rs])) for m in METRICS]
+        diffs = ["", ""]
+        if acl and loss != "acl":
+            diffs = [fmt_interval(*paired(acl[1], rs, f"test_{m}")[:2]) for m in ("top1", "few")]
+        lines.append(f"| {LOSS_NAMES[loss]} ({v}) | {len(rs)} | {' | '.join(cols)} | {' | '.join(diffs)} |")
+    if len(lines) == 2:
+        done = sum(r["phase"] == "search" for r in rows)
+        lines = [f"(The study is under way: {done} search runs so far, no complete grid column yet.)"]
+    return lines
+
+
+def update_readme(path: Path, rows: list[dict]) -> None:
+    """Rewrite the README's study table between its markers (nothing when the markers are absent)."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    path.write_text(head + README_BEGIN + "\n" + "\n".join(readme_table(rows)) + "\n" + README_END + tail)
+
+
 # ---------------------------------------------------------------- configs
 
 
 def save_configs(rows: list[dict], folder: Path) -> None:
-    """For every loss whose grid is complete, its validated setting and V as mnist_lt_<loss>.yaml."""
-    from .study import BASE_CONFIG, HEAD, REGIME
+    """For every loss whose grid column is complete (every V, every seed), its validated setting and V
+    as mnist_lt_<loss>.yaml."""
+    from .study import BASE_CONFIG, HEAD, REGIME, SEEDS, VIEWS
 
     folder.mkdir(parents=True, exist_ok=True)
+    grid = cells(rows)
     for loss in LOSS_NAMES:
         chosen = chosen_cell(rows, loss)
-        if chosen is None:
-            continue
+        if chosen is None or any(len(grid.get((loss, v), [])) < len(SEEDS) for v in VIEWS):
+            continue  # V is chosen once every V has every seed
         v, rs = chosen
         data = config_mod.load_yaml(config_mod.find_config(BASE_CONFIG))
         data.update(
