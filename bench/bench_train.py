@@ -126,9 +126,9 @@ def measure(cfg: dict, args, rank: int, world: int, device) -> dict:
 
     from train.data import make_loader
     from train.datasets import class_counts, prepare
-    from train.engine import autocast_factory
     from train.models import Model
     from train.objective import PROJECTING, Objective
+    from train.state import autocast_factory
 
     train_split, _, _, num_classes = prepare(cfg)
     torch.manual_seed(cfg["seed"])
@@ -285,7 +285,7 @@ def run(args, rest) -> list[dict]:
     import torch.distributed as dist
 
     from train import config
-    from train.engine import setup_distributed
+    from train.run import setup_distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base = ["--config", args.config, "--progress", "false", "--tensorboard", "false", "--plot", "false"]

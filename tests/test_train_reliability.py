@@ -13,6 +13,7 @@ from train import checkpoint, config, engine
 from train.__main__ import main
 from train.data_checks import check_images, describe_classes
 from train.datasets import DataError, Split, read_split
+from train.objective import Objective
 
 FAST = ("--data-loader", "pytorch", "--workers", "0", "--max-steps", "3")
 
@@ -184,7 +185,7 @@ def test_incompatible_resume_is_refused_before_writing(tmp_path, capsys):
 
 
 def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    forward = engine.Objective.forward
+    forward = Objective.forward
     calls = {"n": 0}
 
     def nan_in_epoch_two(self, *args):
@@ -192,7 +193,7 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_pat
         loss = forward(self, *args)
         return loss * float("nan") if calls["n"] > 3 else loss
 
-    monkeypatch.setattr(engine.Objective, "forward", nan_in_epoch_two)
+    monkeypatch.setattr(Objective, "forward", nan_in_epoch_two)
     assert main(small_args(tmp_path, *FAST, "--epochs", "2", "--loss", "ce")) == 3
     err = capsys.readouterr().err
     assert "NaN/Inf" in err and "training diverged" in err and "last good checkpoint" in err
