@@ -302,6 +302,7 @@ def run(args, rest) -> list[dict]:
             dist.broadcast_object_list(box, 0)
             root = box[0]
         base += ["--dataset", "split", "--data-root", root, "--train-split", "train.txt", "--val-split", "val.txt"]
+        base += ["--test-split", "val.txt"]  # the config's own test split is not in the synthetic set
         base += ["--num-classes", "100"]
     if cfg0["threads"]:
         torch.set_num_threads(cfg0["threads"])

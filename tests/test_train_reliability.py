@@ -64,6 +64,25 @@ def test_undecodable_validation_image_stops_before_training(tmp_path, capsys, lo
     assert not (tmp_path / "mnist_lt_acl" / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_an_image_dali_cannot_decode_stops_the_run_naming_it(tmp_path, capsys, where):
+    """No image check (--check-images false): the pipeline's decode failure is a message, exit 2, and
+    the checkpoint written before it stays as it was."""
+    good, bad = "a.jpg 0\nb.jpg 1\nc.jpg 0\nd.jpg 1\n", "a.jpg 0\nbad.jpg 1\nc.jpg 0\nd.jpg 1\n"
+    train, val = (bad, good) if where == "train" else (good, bad)
+    args = _split_args(tmp_path, train, val, "--data-loader", "dali", "--check-images", "false", "--batch-size", "4")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"DALI cannot decode 1 {'training' if where == 'train' else 'evaluation'} image(s): " in err
+    assert str(tmp_path / "data" / "bad.jpg") in err and "Traceback" not in err
+    run = tmp_path / "mnist_lt_acl"
+    if where == "val":  # epoch 1 was trained: its checkpoint is intact
+        state, path = checkpoint.load(run / "checkpoint.pt")
+        assert state["epoch"] == 1 and path == run / "checkpoint.pt"
+    else:
+        assert not (run / "checkpoint.pt").exists()
+
+
 def test_classes_are_reported_and_a_named_count_is_enforced(tmp_path, capsys):
     split = Split(tmp_path / "t.txt", tmp_path, ["x"] * 4, np.array([0, 1, 1, 12]))
     line = describe_classes(split, 13, named=False)
@@ -181,6 +200,39 @@ def test_incompatible_resume_is_refused_before_writing(tmp_path, capsys):
     assert "resume: epochs changed from 1 to 2 (allowed)" in capsys.readouterr().out
 
 
+def test_resume_after_two_epochs_reads_the_latest_checkpoint(tmp_path, capsys):
+    """From epoch 2 on a checkpoint holds the best top-1 so far: still plain data (weights_only)."""
+    assert main(small_args(tmp_path, *FAST, "--epochs", "2")) == 0
+    run = tmp_path / "mnist_lt_acl"
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 2 and type(ck["best_top1"]) is float and ck["best_top1"] >= 0
+    capsys.readouterr()
+    assert main(small_args(tmp_path, *FAST, "--epochs", "3", "--resume", "auto")) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {run / 'checkpoint.pt'}: epoch 2, step 0" in out and "warning" not in out
+    assert [r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
+
+
+def test_a_checkpoint_refuses_values_weights_only_cannot_read(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match=r"state\['best'\] is a numpy.float64"):
+        checkpoint.save({"best": np.float64(1.0)}, tmp_path / "checkpoint.pt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
+    assert main(small_args(tmp_path, *FAST)) == 0
+    run = tmp_path / "mnist_lt_acl"
+    saved = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(small_args(tmp_path, *FAST)) == 2
+    err = capsys.readouterr().err
+    assert f"the run folder {run} already holds a run" in err and "--resume auto" in err and "--name" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == saved
+    # another loss than the config's: a run folder of its own, named for it
+    assert main(small_args(tmp_path, *FAST, "--loss", "ce")) == 0
+    assert "final (mnist_lt_acl-ce)" in capsys.readouterr().out and (tmp_path / "mnist_lt_acl-ce").is_dir()
+
+
 # ------------------------------------------------------------------------------- divergence
 
 
@@ -197,7 +249,7 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_pat
     assert main(small_args(tmp_path, *FAST, "--epochs", "2", "--loss", "ce")) == 3
     err = capsys.readouterr().err
     assert "NaN/Inf" in err and "training diverged" in err and "last good checkpoint" in err
-    state, _ = checkpoint.load(tmp_path / "mnist_lt_acl" / "checkpoint.pt")
+    state, _ = checkpoint.load(tmp_path / "mnist_lt_acl-ce" / "checkpoint.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 

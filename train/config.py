@@ -81,7 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "tf32": True,
     # run
     "output": "runs",
-    "name": "",  # run folder under output; default: the config's name
+    "name": "",  # run folder under output; default: the config's name (+ the loss if changed)
     "seed": 0,
     "device": "auto",  # auto | cpu | cuda
     "threads": 0,  # torch intra-op threads on CPU; 0: torch's default
@@ -164,7 +164,8 @@ HELP = {
     "compile": "torch.compile the model",
     "tf32": "tensor-core tf32 for fp32 matrix products on GPU",
     "output": "folder of the runs",
-    "name": "run folder under output; default: the config's name",
+    "name": "run folder under output; default: the config's name, plus the loss when --loss changes it "
+    "(mnist_lt_acl-supcon); an existing run folder is continued only with --resume",
     "seed": "seed of the weights, the sample order and the augmentations",
     "device": "auto, cpu or cuda",
     "threads": "torch intra-op threads on CPU; 0: torch's default",
@@ -286,9 +287,14 @@ def resolve(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = vars(build_parser(defaults).parse_args(argv))
     cfg["config"] = str(path)
     if not cfg["name"]:
-        cfg["name"] = path.stem
+        cfg["name"] = default_name(path, cfg, defaults)
     check(cfg)
     return cfg
+
+
+def default_name(path: Path, cfg: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """The config's name, plus the loss when the command line changed it (mnist_lt_acl-supcon)."""
+    return path.stem if cfg["loss"] == defaults["loss"] else f"{path.stem}-{cfg['loss']}"
 
 
 # (key, lowest, highest, lowest included) of the numeric options; None: no bound

@@ -114,7 +114,10 @@ class DaliLoader:
         )
         self.pipe.build()
         self.n_views = len(recipes)
-        self.iterator = DALIGenericIterator(self.pipe, [f"v{i}" for i in range(len(recipes))] + ["label"])
+        try:  # the iterator runs the pipeline's first batches already
+            self.iterator = DALIGenericIterator(self.pipe, [f"v{i}" for i in range(len(recipes))] + ["label"])
+        except RuntimeError as e:
+            raise self._decode_error() from e
         self.epoch, self.skip, self.at_end = epoch, skip, False
         self.replay = 0 if state else skip  # restored: the pipeline is already at step `skip`
 

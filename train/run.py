@@ -72,11 +72,13 @@ def _process_group_store(world: int, rank: int):
     """
     if "MASTER_ADDR" not in os.environ or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         return None
+    # the agent serves the store it shares; otherwise (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) rank 0 does
+    host = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
         world,
-        is_master=False,
+        is_master=host,
         timeout=DIST_TIMEOUT,
         use_libuv=True,
     )
