@@ -102,10 +102,17 @@ def test_the_docs_show_commands():
     assert any("bench/bench_train.py --config imagenet_lt_r50 --synthetic" in c for c in commands), commands
 
 
+@pytest.fixture(scope="module")
+def shared_tmp(tmp_path_factory):
+    """One temporary folder for the commands' own temporary files: the synthetic image set of the
+    benchmarks is made once."""
+    return tmp_path_factory.mktemp("tmpdir")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", documented_commands())
-def test_documented_command_runs(command, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
+def test_documented_command_runs(command, tmp_path, shared_tmp):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(shared_tmp)}
     argv = tiny(command, tmp_path)
     res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(argv)}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"

@@ -64,13 +64,17 @@ def test_undecodable_validation_image_stops_before_training(tmp_path, capsys, lo
     assert not (tmp_path / "mnist_lt_acl" / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
 @pytest.mark.parametrize("where", ["train", "val"])
-def test_an_image_dali_cannot_decode_stops_the_run_naming_it(tmp_path, capsys, where):
+def test_an_image_dali_cannot_decode_stops_the_run_naming_it(tmp_path, capsys, where, kind):
     """No image check (--check-images false): the pipeline's decode failure is a message, exit 2, and
-    the checkpoint written before it stays as it was."""
+    the checkpoint written before it stays as it was. A truncated JPEG would crash DALI's decoder."""
     good, bad = "a.jpg 0\nb.jpg 1\nc.jpg 0\nd.jpg 1\n", "a.jpg 0\nbad.jpg 1\nc.jpg 0\nd.jpg 1\n"
     train, val = (bad, good) if where == "train" else (good, bad)
     args = _split_args(tmp_path, train, val, "--data-loader", "dali", "--check-images", "false", "--batch-size", "4")
+    if kind == "truncated":
+        jpeg = (tmp_path / "data" / "a.jpg").read_bytes()
+        (tmp_path / "data" / "bad.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"DALI cannot decode 1 {'training' if where == 'train' else 'evaluation'} image(s): " in err

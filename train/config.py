@@ -253,6 +253,8 @@ def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="acl-train",
         description="Train a long-tailed classifier with ACL / PaCo / GPaCo / SupCon / CE / LA.",
+        epilog="Several processes on this machine: --nproc-per-node N [--max-restarts R] starts N of them "
+        "under torchrun; with --resume auto, workers restarted after one is lost continue from the last checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(

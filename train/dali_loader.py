@@ -36,8 +36,24 @@ def _dali_pipeline(source, recipes, decode_device, opts, **pipe_kwargs):
     return pipe(**pipe_kwargs)
 
 
+TRUNCATED = "truncated: the file has no end-of-image marker"
+
+
+def truncated(data: np.ndarray) -> bool:
+    """Whether an encoded JPEG or PNG lacks its end (JPEG's EOI marker, PNG's IEND chunk) in its last
+    4 KiB. DALI's CPU decoder crashes the whole process on some truncated JPEGs instead of raising,
+    so such a file never reaches it."""
+    head, tail = data[:8].tobytes(), data[-4096:].tobytes()
+    if head.startswith(b"\xff\xd8"):
+        return b"\xff\xd9" not in tail
+    if head.startswith(b"\x89PNG"):
+        return b"IEND" not in tail
+    return False
+
+
 def undecodable(paths: list[Path], decode_device: str, device_id) -> list[tuple[Path, str]]:
-    """(file, DALI's reason) for each of `paths` DALI's image decoder refuses, decoding them one by one."""
+    """(file, reason) for each of `paths` that is truncated or that DALI's image decoder refuses,
+    decoding them one by one."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
@@ -46,14 +62,19 @@ def undecodable(paths: list[Path], decode_device: str, device_id) -> list[tuple[
 
     bad, pipe = [], None
     for path in paths:
+        data = np.fromfile(path, np.uint8)
+        if truncated(data):
+            bad.append((path, TRUNCATED))
+            continue
         if pipe is None:  # a failed run leaves the pipeline unusable: a new one after each failure
             pipe = one()
             pipe.build()
         try:
-            pipe.feed_input("file", [np.fromfile(path, np.uint8)])
+            pipe.feed_input("file", [data])
             pipe.run()
         except RuntimeError as e:
-            bad.append((path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__))
+            lines = [line.strip() for line in str(e).splitlines()]
+            bad.append((path, next((x for x in lines if "failure" in x.lower()), "DALI's decoder refuses it")))
             pipe = None
     return bad
 
@@ -124,6 +145,9 @@ class DaliLoader:
     def _read(self, epoch: int, step: int):
         idx = self.sharding.batch_indices(epoch, step)
         files = [np.fromfile(self.split.full_path(int(i)), np.uint8) for i in idx]
+        bad = [(self.split.full_path(int(i)), TRUNCATED) for i, f in zip(idx, files) if truncated(f)]
+        if bad:
+            raise self._unreadable(bad)
         return files, [np.array([self.split.labels[i]], np.int64) for i in idx]
 
     def _source(self, info):
@@ -182,9 +206,12 @@ class DaliLoader:
         bad = undecodable(paths, self.decode_device, self.device_id)
         if not bad:
             return RuntimeError(f"the DALI pipeline failed; the {len(paths)} files of its batches in flight decode")
+        return self._unreadable(bad)
+
+    def _unreadable(self, bad: list[tuple[Path, str]]) -> DataError:
         what = "training" if self.sharding.train else "evaluation"
         names = "; ".join(f"{p} ({why})" for p, why in bad)
         return DataError(
-            f"DALI cannot decode {len(bad)} {what} image(s): {names}. Replace or remove them from the split file "
-            f"(--check-images true finds every such file before training)"
+            f"DALI cannot decode {len(bad)} {what} image(s): {names}. Replace them or remove their lines from the "
+            f"split file (--check-images true, the default, lists before training the files PIL cannot decode)"
         )
