@@ -72,12 +72,15 @@ def test_an_image_dali_cannot_decode_stops_the_run_naming_it(tmp_path, capsys, w
     good, bad = "a.jpg 0\nb.jpg 1\nc.jpg 0\nd.jpg 1\n", "a.jpg 0\nbad.jpg 1\nc.jpg 0\nd.jpg 1\n"
     train, val = (bad, good) if where == "train" else (good, bad)
     args = _split_args(tmp_path, train, val, "--data-loader", "dali", "--check-images", "false", "--batch-size", "4")
+    jpeg = (tmp_path / "data" / "a.jpg").read_bytes()
     if kind == "truncated":
-        jpeg = (tmp_path / "data" / "a.jpg").read_bytes()
         (tmp_path / "data" / "bad.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    else:  # JPEG's start and end markers around garbage: DALI's decoder has to try it
+        (tmp_path / "data" / "bad.jpg").write_bytes(jpeg[:4] + b"not a jpeg" * 8 + b"\xff\xd9")
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"DALI cannot decode 1 {'training' if where == 'train' else 'evaluation'} image(s): " in err
+    assert ("truncated" in err) == (kind == "truncated"), err
     assert str(tmp_path / "data" / "bad.jpg") in err and "Traceback" not in err
     run = tmp_path / "mnist_lt_acl"
     if where == "val":  # epoch 1 was trained: its checkpoint is intact
