@@ -116,3 +116,17 @@ def test_documented_command_runs(command, tmp_path, shared_tmp):
     argv = tiny(command, tmp_path)
     res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(argv)}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+
+
+INTERNAL = re.compile(r"\b(?:this|the|an|another) issue\b|\bissue #?\d+|\bthe lead\b|\bhelpers?\b|\bi\d{1,2}\b", re.I)
+
+
+def test_user_facing_text_has_no_internal_words():
+    """Docs, results notes, shipped configs and --help speak to users: no tracker or branch words."""
+    from train import config
+
+    texts = {p: p.read_text() for p in [*DOCS, REPO / "bench" / "NOTES.md", *(REPO / "train" / "results").glob("*.md")]}
+    texts.update({p: p.read_text() for p in (REPO / "train" / "configs").glob("*.yaml")})
+    texts["--help"] = config.build_parser(config.DEFAULTS).format_help()
+    found = {str(k): INTERNAL.findall(v) for k, v in texts.items() if INTERNAL.search(v)}
+    assert not found, found
