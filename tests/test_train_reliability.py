@@ -2,6 +2,11 @@
 checkpoints, resumed logs, and the command line's checks (all on tiny MNIST-LT runs)."""
 
 import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +20,7 @@ from train.data_checks import check_images, describe_classes
 from train.datasets import DataError, Split, read_split
 from train.objective import Objective
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ("--data-loader", "pytorch", "--workers", "0", "--max-steps", "3")
 
 
@@ -318,3 +324,20 @@ def test_every_option_has_help_with_its_default():
 def test_invalid_values_are_refused_when_the_config_is_read(args, match):
     with pytest.raises(config.ConfigError, match=match):
         config.resolve(args)
+
+
+def test_a_sigterm_ends_a_process_that_cannot_reach_its_stop_check(tmp_path):
+    """A worker blocked (here: sleeping; under DDP: a collective whose peer is gone) when torchrun's
+    SIGTERM arrives exits with 143 once the grace period is over, rather than waiting on."""
+    code = (
+        "import os, signal, time\n"
+        "from train import stop\n"
+        "stop.STOP_GRACE_S = 1.0\n"
+        "s = stop._Stop()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(60)\n"
+    )
+    t0 = time.monotonic()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, timeout=60)
+    assert res.returncode == 143 and time.monotonic() - t0 < 30
