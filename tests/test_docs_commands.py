@@ -29,7 +29,12 @@ HELP_ONLY = {
     "bench/kernel_cost.py": "compiles every kernel for sm_90; tests/test_kernel_cost.py runs it",
     "bench/cpu_core.py": "appends to bench/results/cpu_core.csv; tests/test_native.py checks the kernel",
     "train.study": "trains hundreds of runs; train/study.py's runs are train() calls tested here",
-    "make study": "the same as python -m train.study",
+}
+# commands that run exactly what another documented command runs (the Makefile's recipes, the default config)
+SAME = {
+    "make demo": "python -m train --config mnist_lt_acl",
+    "python -m train": "python -m train --config mnist_lt_acl",
+    "make study": "python -m train.study",
 }
 NOT_RUN = ("make test", "python -m pytest", "git archive", "python -c")  # the suite itself; shell helpers
 
@@ -47,8 +52,8 @@ def documented_commands() -> list[str]:
             elif shell:
                 lines.append(line.split("  #")[0].strip())
         found += lines + re.findall(r"`((?:python|make) [^`]+)`", text)
-    keep = [c for c in found if c.startswith(("python ", "make ")) and not c.startswith(NOT_RUN)]
-    return sorted(set(" ".join(c.split()) for c in keep if "..." not in c and " N " not in c))
+    keep = [" ".join(c.split()) for c in found if c.startswith(("python ", "make ")) and not c.startswith(NOT_RUN)]
+    return sorted({SAME.get(c, c) for c in keep if "..." not in c and " N " not in c})
 
 
 def _data_root(tmp_path: Path, config: str) -> Path:
@@ -67,10 +72,6 @@ def _data_root(tmp_path: Path, config: str) -> Path:
 def tiny(command: str, tmp_path: Path) -> list[str]:
     """The command as argv, made small; outputs under tmp_path."""
     argv = shlex.split(command)
-    if command == "make demo":  # its recipe: python -m train --config mnist_lt_acl --output runs ...
-        argv = [sys.executable, "-m", "train", "--config", "mnist_lt_acl"]
-    if command == "make study":
-        argv = [sys.executable, "-m", "train.study"]
     argv[0] = sys.executable
     script = next((a for a in argv[1:] if not a.startswith("-")), "")
     if any(key in command for key in HELP_ONLY):
