@@ -12,12 +12,10 @@ from __future__ import annotations
 import os
 import sys
 
-LAUNCH_OPTIONS = {"--nproc-per-node": "1", "--max-restarts": "0"}
-
 
 def _take(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
     """The value of `flag` (--a-b, --a_b, --a-b=v) and argv without it."""
-    names = {flag, flag.replace("-", "_").replace("__", "--", 1)}
+    names = {flag, "--" + flag[2:].replace("-", "_")}
     rest, value, it = [], None, iter(argv)
     for a in it:
         key, eq, v = a.partition("=")
