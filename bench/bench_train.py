@@ -126,9 +126,9 @@ def measure(cfg: dict, args, rank: int, world: int, device) -> dict:
 
     from train.data import make_loader
     from train.datasets import class_counts, prepare
-    from train.engine import autocast_factory
     from train.models import Model
     from train.objective import PROJECTING, Objective
+    from train.state import autocast_factory
 
     train_split, _, _, num_classes = prepare(cfg)
     torch.manual_seed(cfg["seed"])
@@ -285,7 +285,7 @@ def run(args, rest) -> list[dict]:
     import torch.distributed as dist
 
     from train import config
-    from train.engine import setup_distributed
+    from train.run import setup_distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base = ["--config", args.config, "--progress", "false", "--tensorboard", "false", "--plot", "false"]
@@ -302,6 +302,7 @@ def run(args, rest) -> list[dict]:
             dist.broadcast_object_list(box, 0)
             root = box[0]
         base += ["--dataset", "split", "--data-root", root, "--train-split", "train.txt", "--val-split", "val.txt"]
+        base += ["--test-split", "val.txt"]  # the config's own test split is not in the synthetic set
         base += ["--num-classes", "100"]
     if cfg0["threads"]:
         torch.set_num_threads(cfg0["threads"])

@@ -19,7 +19,7 @@ These are predictions from compiled code, not GPU measurements; bench/gpu_check.
 Rows (one per kernel and main loop, one "total" per kernel, one "fwd+bwd" per mode) go to
 bench/results/kernel_cost.csv under a tag; a run replaces the rows of its own tag only.
 
-    python bench/kernel_cost.py --tag after          # the current kernels (what the lead re-runs)
+    python bench/kernel_cost.py --tag after          # the current kernels
     python bench/kernel_cost.py --dtypes bf16 --dims 128 --modes softmax --no-write
     # the kernels of another commit (its package first on the path), e.g. the pre-v2 kernels:
     git worktree add /tmp/before 1117811

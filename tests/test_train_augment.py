@@ -15,7 +15,7 @@ from PIL import Image
 from train_common import small_cfg
 
 from train import datasets
-from train.data import _fill_level, make_loader
+from train.data import fill_level, make_loader
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.25, 0.25)
 
@@ -44,7 +44,7 @@ def _stats(root, loader: str) -> dict:
     batches = make_loader(cfg, split, train=True, epoch=0, rank=0, world=1, device=torch.device("cpu"))
     x = torch.cat([views[0] for views, _ in batches])
     assert x.shape == (256, 3, 32, 32)
-    fill = (_fill_level(MEAN) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+    fill = (fill_level(MEAN) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
     at_fill = ((x - fill.view(1, 3, 1, 1)).abs() < 0.02).all(1).float().mean().item()
     return {"mean": x.mean((0, 2, 3)), "std": x.std((0, 2, 3)), "fill": at_fill}
 

@@ -64,7 +64,7 @@ def test_every_loss_trains(tmp_path, loss, extra):
     cfg = small_cfg(tmp_path, "--data-loader", "pytorch", "--workers", "0", "--loss", loss, "--max-steps", "3", *extra)
     report = engine.train(cfg)
     assert 0 <= report["top1"] <= 100
-    ck = torch.load(tmp_path / "mnist_lt_acl" / "checkpoint.pt", weights_only=False)
+    ck = torch.load(tmp_path / cfg["name"] / "checkpoint.pt", weights_only=False)
     assert ck["epoch"] == 1
     if "--queue-size" in extra:
         assert int(ck["objective"]["queue_ptr"][1]) == 48  # the queue filled (and wrapped)

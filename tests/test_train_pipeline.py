@@ -18,7 +18,8 @@ from PIL import Image, ImageFilter
 from train_common import CACHE, small_cfg
 
 from train import checkpoint, config, datasets, engine
-from train.data import _PilGaussianBlur, epoch_order, make_loader
+from train.data import epoch_order, make_loader
+from train.torch_loader import _PilGaussianBlur
 
 CPU = torch.device("cpu")
 

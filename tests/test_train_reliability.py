@@ -2,6 +2,11 @@
 checkpoints, resumed logs, and the command line's checks (all on tiny MNIST-LT runs)."""
 
 import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +18,9 @@ from train import checkpoint, config, engine
 from train.__main__ import main
 from train.data_checks import check_images, describe_classes
 from train.datasets import DataError, Split, read_split
+from train.objective import Objective
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ("--data-loader", "pytorch", "--workers", "0", "--max-steps", "3")
 
 
@@ -61,6 +68,32 @@ def test_undecodable_validation_image_stops_before_training(tmp_path, capsys, lo
     assert main(args) == 2  # not a segfault in the DALI decoder
     assert "val.txt: 1 of 2 images cannot be decoded" in capsys.readouterr().err
     assert not (tmp_path / "mnist_lt_acl" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_an_image_dali_cannot_decode_stops_the_run_naming_it(tmp_path, capsys, where, kind):
+    """No image check (--check-images false): the pipeline's decode failure is a message, exit 2, and
+    the checkpoint written before it stays as it was. A truncated JPEG would crash DALI's decoder."""
+    good, bad = "a.jpg 0\nb.jpg 1\nc.jpg 0\nd.jpg 1\n", "a.jpg 0\nbad.jpg 1\nc.jpg 0\nd.jpg 1\n"
+    train, val = (bad, good) if where == "train" else (good, bad)
+    args = _split_args(tmp_path, train, val, "--data-loader", "dali", "--check-images", "false", "--batch-size", "4")
+    jpeg = (tmp_path / "data" / "a.jpg").read_bytes()
+    if kind == "truncated":
+        (tmp_path / "data" / "bad.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    else:  # JPEG's start and end markers around garbage: DALI's decoder has to try it
+        (tmp_path / "data" / "bad.jpg").write_bytes(jpeg[:4] + b"not a jpeg" * 8 + b"\xff\xd9")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"DALI cannot decode 1 {'training' if where == 'train' else 'evaluation'} image(s): " in err
+    assert ("truncated" in err) == (kind == "truncated"), err
+    assert str(tmp_path / "data" / "bad.jpg") in err and "Traceback" not in err
+    run = tmp_path / "mnist_lt_acl"
+    if where == "val":  # epoch 1 was trained: its checkpoint is intact
+        state, path = checkpoint.load(run / "checkpoint.pt")
+        assert state["epoch"] == 1 and path == run / "checkpoint.pt"
+    else:
+        assert not (run / "checkpoint.pt").exists()
 
 
 def test_classes_are_reported_and_a_named_count_is_enforced(tmp_path, capsys):
@@ -180,11 +213,44 @@ def test_incompatible_resume_is_refused_before_writing(tmp_path, capsys):
     assert "resume: epochs changed from 1 to 2 (allowed)" in capsys.readouterr().out
 
 
+def test_resume_after_two_epochs_reads_the_latest_checkpoint(tmp_path, capsys):
+    """From epoch 2 on a checkpoint holds the best top-1 so far: still plain data (weights_only)."""
+    assert main(small_args(tmp_path, *FAST, "--epochs", "2")) == 0
+    run = tmp_path / "mnist_lt_acl"
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 2 and type(ck["best_top1"]) is float and ck["best_top1"] >= 0
+    capsys.readouterr()
+    assert main(small_args(tmp_path, *FAST, "--epochs", "3", "--resume", "auto")) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {run / 'checkpoint.pt'}: epoch 2, step 0" in out and "warning" not in out
+    assert [r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
+
+
+def test_a_checkpoint_refuses_values_weights_only_cannot_read(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match=r"state\['best'\] is a numpy.float64"):
+        checkpoint.save({"best": np.float64(1.0)}, tmp_path / "checkpoint.pt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
+    assert main(small_args(tmp_path, *FAST)) == 0
+    run = tmp_path / "mnist_lt_acl"
+    saved = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(small_args(tmp_path, *FAST)) == 2
+    err = capsys.readouterr().err
+    assert f"the run folder {run} already holds a run" in err and "--resume auto" in err and "--name" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == saved
+    # another loss than the config's: a run folder of its own, named for it
+    assert main(small_args(tmp_path, *FAST, "--loss", "ce")) == 0
+    assert "final (mnist_lt_acl-ce)" in capsys.readouterr().out and (tmp_path / "mnist_lt_acl-ce").is_dir()
+
+
 # ------------------------------------------------------------------------------- divergence
 
 
 def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    forward = engine.Objective.forward
+    forward = Objective.forward
     calls = {"n": 0}
 
     def nan_in_epoch_two(self, *args):
@@ -192,11 +258,11 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_pat
         loss = forward(self, *args)
         return loss * float("nan") if calls["n"] > 3 else loss
 
-    monkeypatch.setattr(engine.Objective, "forward", nan_in_epoch_two)
+    monkeypatch.setattr(Objective, "forward", nan_in_epoch_two)
     assert main(small_args(tmp_path, *FAST, "--epochs", "2", "--loss", "ce")) == 3
     err = capsys.readouterr().err
     assert "NaN/Inf" in err and "training diverged" in err and "last good checkpoint" in err
-    state, _ = checkpoint.load(tmp_path / "mnist_lt_acl" / "checkpoint.pt")
+    state, _ = checkpoint.load(tmp_path / "mnist_lt_acl-ce" / "checkpoint.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
@@ -258,3 +324,20 @@ def test_every_option_has_help_with_its_default():
 def test_invalid_values_are_refused_when_the_config_is_read(args, match):
     with pytest.raises(config.ConfigError, match=match):
         config.resolve(args)
+
+
+def test_a_sigterm_ends_a_process_that_cannot_reach_its_stop_check(tmp_path):
+    """A worker blocked (here: sleeping; under DDP: a collective whose peer is gone) when torchrun's
+    SIGTERM arrives exits with 143 once the grace period is over, rather than waiting on."""
+    code = (
+        "import os, signal, time\n"
+        "from train import stop\n"
+        "stop.STOP_GRACE_S = 1.0\n"
+        "s = stop._Stop()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(60)\n"
+    )
+    t0 = time.monotonic()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, timeout=60)
+    assert res.returncode == 143 and time.monotonic() - t0 < 30

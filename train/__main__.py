@@ -8,10 +8,15 @@ import sys
 from .checkpoint import CheckpointError
 from .config import ConfigError, resolve
 from .datasets import DataError
-from .engine import TrainingError, train
+from .engine import train
+from .launch import exec_torchrun, torchrun_command
+from .stop import TrainingError
 
 
 def main(argv: list[str] | None = None) -> int:
+    command = torchrun_command(sys.argv[1:] if argv is None else argv)
+    if command is not None:
+        exec_torchrun(command)
     try:
         cfg = resolve(argv)
         report = train(cfg)

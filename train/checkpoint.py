@@ -90,9 +90,31 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# the exact types a checkpoint may hold besides tensors, dicts, lists and tuples: what
+# torch.load(weights_only=True) reads back (numpy scalars, float subclasses among them, are refused)
+PLAIN = (bool, int, float, str, bytes, type(None))
+
+
+def check_plain(value, where: str = "state") -> None:
+    """Raise CheckpointError naming the first value of `value` that is not a tensor or plain Python."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_plain(k, f"{where} key {k!r}")
+            check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, torch.Tensor) and type(value) not in PLAIN:
+        raise CheckpointError(
+            f"{where} is a {type(value).__module__}.{type(value).__name__}: a checkpoint holds only tensors and "
+            f"plain Python values, so that torch.load(weights_only=True) reads it back"
+        )
+
+
 def save(state: dict, path: Path, keep_previous: bool = True) -> None:
     """Atomically replace `path` by `state` (plus its digest), keeping the old file as the previous one."""
     path = Path(path)
+    check_plain(state)
     remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     state = {**state, DIGEST: digest(state)}

@@ -83,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "tf32": True,
     # run
     "output": "runs",
-    "name": "",  # run folder under output; default: the config's name
+    "name": "",  # run folder under output; default: the config's name (+ the loss if changed)
     "seed": 0,
     "device": "auto",  # auto | cpu | cuda
     "threads": 0,  # torch intra-op threads on CPU; 0: torch's default
@@ -171,7 +171,8 @@ HELP = {
     "compile": "torch.compile the model",
     "tf32": "tensor-core tf32 for fp32 matrix products on GPU",
     "output": "folder of the runs",
-    "name": "run folder under output; default: the config's name",
+    "name": "run folder under output; default: the config's name, plus the loss when --loss changes it "
+    "(mnist_lt_acl-supcon); an existing run folder is continued only with --resume",
     "seed": "seed of the weights, the sample order and the augmentations",
     "device": "auto, cpu or cuda",
     "threads": "torch intra-op threads on CPU; 0: torch's default",
@@ -259,6 +260,8 @@ def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="acl-train",
         description="Train a long-tailed classifier with ACL / PaCo / GPaCo / SupCon / CE / LA.",
+        epilog="Several processes on this machine: --nproc-per-node N [--max-restarts R] starts N of them "
+        "under torchrun; with --resume auto, workers restarted after one is lost continue from the last checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -293,9 +296,14 @@ def resolve(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = vars(build_parser(defaults).parse_args(argv))
     cfg["config"] = str(path)
     if not cfg["name"]:
-        cfg["name"] = path.stem
+        cfg["name"] = default_name(path, cfg, defaults)
     check(cfg)
     return cfg
+
+
+def default_name(path: Path, cfg: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """The config's name, plus the loss when the command line changed it (mnist_lt_acl-supcon)."""
+    return path.stem if cfg["loss"] == defaults["loss"] else f"{path.stem}-{cfg['loss']}"
 
 
 # (key, lowest, highest, lowest included) of the numeric options; None: no bound

@@ -257,16 +257,3 @@ def prepare(cfg: dict, build: bool = True) -> tuple[Split, Split, Split | None, 
         if split is not None:
             check_split(split, num_classes)
     return train, val, test, num_classes
-
-
-def find_unreadable(paths: list[Path]) -> Path | None:
-    """The first image PIL cannot decode (used to name the file behind a DALI decode error)."""
-    from PIL import Image
-
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im.load()
-        except Exception:
-            return p
-    return None
