@@ -77,6 +77,16 @@ class LossProblem:
         return self.labels if self.queue_labels is None else torch.cat([self.labels, self.queue_labels])
 
 
+def refuse_double_backward(backend: str) -> None:
+    """The fused backwards have no derivative of their own: called at the start of a backward, raise
+    where autograd would record one (create_graph=True), instead of a silent zero second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the {backend} backend's gradient is not differentiable (create_graph=True, double backward); "
+            "use impl='reference' for second derivatives"
+        )
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
