@@ -152,7 +152,7 @@ def weights_into(
     anchor_idx = torch.arange(rows.start, rows.start + c, device=dev)
     if p.pos_mask is None:
         pos_s.copy_(same)
-        t_s.copy_(torch.mul(same, p.alpha, out=into(t_s)))
+        t_s.copy_(same).mul_(p.alpha)  # in t's dtype: bool * float would round alpha to float32
     else:  # entry (i, j) = pos_mask[i % rows, j % cols]: a [B, B] block is tiled over the views
         mask_rows, mask_cols = p.pos_mask.shape
         col_idx = torch.arange(m, device=dev) if cols is None else cols
