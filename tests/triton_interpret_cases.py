@@ -334,3 +334,21 @@ def test_second_derivative_is_refused(rng):
     y = torch.randint(0, 3, (12,), generator=rng)
     with pytest.raises(RuntimeError, match="not differentiable.*impl='reference'"):
         torch.autograd.grad(contrastive_loss(z, y, impl="triton"), z, create_graph=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_wide_rows_take_the_chunk_loop(rng, mode):
+    """d > 256: the forward's similarity in chunks of CHUNK_K, the backward's output in 256-wide chunks
+    (on a GPU only before); a queue and centres so every kernel takes the wide path."""
+    d = triton_backend.WHOLE_D_MAX + 44
+    z, y, kw, inputs = make_case(rng, 40, d, 4, n_anchor=24, queue=9, centres=True)
+    compare(z, y, kw, inputs, rng=rng, mode=mode)
+
+
+@pytest.mark.parametrize("tiles", [(64, 64), (128, 64)], ids=["64x64", "128x64"])
+@pytest.mark.parametrize("mode", MODES)
+def test_production_tiles(rng, monkeypatch, mode, tiles):
+    """The kernels with tile shapes of the GPU's tables (not the interpreter's 32x32), ragged rows."""
+    monkeypatch.setattr(triton_backend, "INTERPRET_TILES", triton_backend.Tiles(*tiles, 4, 1))
+    z, y, kw, inputs = make_case(rng, 150, 64, 5, n_anchor=100, queue=37)
+    compare(z, y, kw, inputs, rng=rng, mode=mode)
