@@ -75,7 +75,8 @@ def error_bar(
       the result's scale (the kernels compute in fp32 from the rounded inputs, so the rounding of
       the output dominates): |actual - oracle| <= |rnd(oracle) - oracle| + 2 eps max|oracle|.
     - fp32 data: twice the error of PyTorch's own fp32 computation of the same quantity
-      (`baseline`: the reference backend in fp32 on the same inputs), and at least 8 ulps of what
+      (`baseline`: the same formulas in fp32 on the same inputs, never the code under test), and
+      at least 8 ulps of what
       the arithmetic rounds: a logit of size `logit_scale` carries eps * logit_scale absolute
       error, which moves every probability by that relative amount; `unit` is the size of the
       quantity per unit of probability (1 for a loss, |z| / T times the upstream gradient for dz).

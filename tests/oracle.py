@@ -15,17 +15,17 @@ from torch import Tensor
 NEG_INF = float("-inf")
 
 
-def _column_weights(yc: Tensor, kind: str, gamma: float, n_centres: int, prior: Tensor | None, kappa: float):
+def _column_weights(yc: Tensor, kind: str, gamma: float, n_centres: int, prior: Tensor | None, kappa: float, dtype):
     """(w_other, w_same) [M] of the sample columns (README: Negative weighting)."""
     if kind == "none":
-        w = torch.full(yc.shape, gamma, dtype=torch.float64)
+        w = torch.full(yc.shape, gamma, dtype=dtype)
         return w, w
     if kind == "batch":
-        n_c = torch.tensor([(yc == c).sum().item() for c in yc.tolist()], dtype=torch.float64)
+        n_c = torch.tensor([(yc == c).sum().item() for c in yc.tolist()], dtype=dtype)
         n_c = n_c + (1.0 if n_centres else 0.0)
         # n_c - 1 = 0 only for a class whose one row is the anchor itself: that column is left out anyway
         return gamma / n_c, gamma / torch.where(n_c > 1, n_c - 1, 1.0)
-    w = prior.double()[yc] ** -kappa
+    w = prior.to(dtype)[yc] ** -kappa
     w = gamma * w / w.mean()
     return w, w
 
@@ -58,10 +58,12 @@ def losses(
     negative_weight: str = "none",
     class_prior: Tensor | None = None,
     kappa: float = 1.0,
+    dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """Per-anchor losses [n_anchor] in float64, differentiable in z, queue and centre_logits; the
-    keywords of acl_kernels.contrastive_loss (reduction "none")."""
-    rows = z.double() if queue is None else torch.cat([z.double(), queue.double()])
+    """Per-anchor losses [n_anchor], differentiable in z, queue and centre_logits; the keywords of
+    acl_kernels.contrastive_loss (reduction "none"). Computed in `dtype`: float64 is the oracle,
+    float32 gives PyTorch's own fp32 error of the same formulas (the tests' error bar)."""
+    rows = z.to(dtype) if queue is None else torch.cat([z.to(dtype), queue.to(dtype)])
     yc = labels if queue_labels is None else torch.cat([labels, queue_labels])
     a = z.shape[0] if n_anchor is None else n_anchor
     ya = yc[:a]
@@ -69,19 +71,19 @@ def losses(
 
     same = ya[:, None] == yc[None, :]
     itself = torch.arange(a)[:, None] == torch.arange(rows.shape[0])[None, :]
-    w_other, w_same = _column_weights(yc, negative_weight, gamma, n_centres, class_prior, kappa)
+    w_other, w_same = _column_weights(yc, negative_weight, gamma, n_centres, class_prior, kappa, dtype)
     g = torch.where(itself, 0.0, torch.where(same, w_same[None, :], w_other[None, :]))
     pos = same & ~itself
-    t = pos.double() * alpha  # (torch.where of two Python numbers would be float32)
+    t = pos.to(dtype) * alpha  # (torch.where of two Python numbers would be float32)
     logits = rows[:a] @ rows.T / temperature
 
     if n_centres:
-        u = centre_logits.double() + (0.0 if log_prior is None else log_prior.double())
+        u = centre_logits.to(dtype) + (0.0 if log_prior is None else log_prior.to(dtype))
         own = torch.arange(n_centres)[None, :] == ya[:, None]
         t_other = beta * smooth / (n_centres - 1) if n_centres > 1 else 0.0
         logits = torch.cat([u / supt, logits], 1)
-        g = torch.cat([torch.ones(a, n_centres, dtype=torch.float64), g], 1)
-        t = torch.cat([own.double() * (beta * (1 - smooth) - t_other) + t_other, t], 1)
+        g = torch.cat([torch.ones(a, n_centres, dtype=dtype), g], 1)
+        t = torch.cat([own.to(dtype) * (beta * (1 - smooth) - t_other) + t_other, t], 1)
         pos = torch.cat([own, pos], 1)
 
     total = t.sum(1)
