@@ -131,7 +131,8 @@ def _triton_runs_here() -> bool:
 
 
 # Always run, whatever hypothesis draws: "batch" weighting with a class of exactly two rows (its
-# positive's weight is 1 / (n_c - 1) = 1, the smallest count the weighting has to get right).
+# positive's weight is 1 / (n_c - 1) = 1, the smallest count the weighting has to get right), and
+# "prior" weighting with gamma 3 (weights normalised to mean gamma).
 PAIR_CLASS = (
     {"mode": "softmax", "temperature": 0.2, "n_anchor": None, "negative_weight": "batch", "gamma": 0.5},
     {"n": 7, "d": 8, "classes": 3, "queue": 0, "centres": False, "log_prior": False, "norm": 1.0,
@@ -146,6 +147,7 @@ PAIR_CLASS = (
 @given(case=cases())
 @example(case=PAIR_CLASS)
 @example(case=({**PAIR_CLASS[0], "mode": "aligned"}, PAIR_CLASS[1], 6))
+@example(case=({**PAIR_CLASS[0], "negative_weight": "prior", "gamma": 3.0, "kappa": 1.0}, PAIR_CLASS[1], 7))
 def test_backend_matches_the_oracle(backend, case, monkeypatch):
     kw, sizes, seed = case
     run = _backend(backend, monkeypatch)
