@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo loss-demo study test lint bench clean
+.PHONY: demo loss-demo study test lint bench mutants clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,13 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Mutation testing ([tool.mutmut] in pyproject.toml): hours on 2 cores; MUTANTS="name ..." runs a subset.
+mutants: $(STAMP)
+	OMP_NUM_THREADS=1 nice -n 19 $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
+	$(VENV)/bin/mutmut results
+
 bench: $(STAMP)
 	$(PY) bench/bench_loss.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache acl_kernels/_C*.so
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache acl_kernels/_C*.so mutants

@@ -40,6 +40,8 @@ def labels(name: str, y, n: int, ref: Tensor, num_classes: int | None) -> Tensor
             raise ValueError(f"{name} must be >= 0, found {lo}")
         if num_classes is not None and hi >= num_classes:
             raise ValueError(f"{name} must be < num_classes={num_classes}, found {hi}")
+        if hi >= 2**31:  # the kernels and a process group's gather hold class indices as int32
+            raise ValueError(f"{name} must be < 2^31 (class indices, stored as int32), found {hi}")
     return y.long()
 
 
@@ -48,7 +50,8 @@ def number(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, Tensor)) or (isinstance(v, Tensor) and v.numel() != 1):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     v = float(v)
-    if not math.isfinite(v):
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) v is a symbolic float
+    if not -math.inf < v < math.inf:
         raise ValueError(f"{name} must be a finite number, got {v}")
     return v
 
@@ -94,5 +97,6 @@ def finite(name: str, x: Tensor | None) -> None:
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(
-            f"{name} holds {bad} NaN/Inf values; fix the model/input (or pass check_finite=False to skip this check)"
+            f"{name} holds {bad} NaN/Inf values; fix the model/input (or pass check_finite=False, to "
+            "contrastive_loss or to a preset's constructor, to skip this check)"
         )

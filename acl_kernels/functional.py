@@ -246,155 +246,176 @@ def check_settings(
     )
 
 
-def _check(
-    features: Tensor,
-    labels: Tensor,
-    *,
-    mode: str,
-    temperature: float,
-    base_temperature: float | None,
-    n_anchor: int | None,
-    queue: Tensor | None,
-    queue_labels: Tensor | None,
-    centre_logits: Tensor | None,
-    log_prior: Tensor | None,
-    supt: float,
-    alpha: float,
-    beta: float,
-    gamma: float,
-    smooth: float,
-    negative_weight: str,
-    class_prior: Tensor | None,
-    kappa: float,
-    pos_mask: Tensor | None,
-    reduction: str,
-    check_finite: bool,
-) -> _Checked:
+# The arguments of contrastive_loss that check_settings normalises.
+_SETTINGS = ("mode", "temperature", "base_temperature", "supt", "alpha", "beta", "gamma", "smooth")
+_SETTINGS += ("negative_weight", "kappa", "reduction")
+
+
+class _Args:
+    """The arguments of contrastive_loss while they are checked (a plain class: torch.compile traces it)."""
+
+    def __init__(self, **kwargs):
+        self.set(kwargs)
+
+    def set(self, values: dict) -> None:
+        for key, value in values.items():
+            setattr(self, key, value)
+
+
+_Rule = tuple[Callable[[_Args], bool], type, Callable[[_Args], str]]
+
+
+def _shape(x: Tensor) -> tuple:
+    return tuple(x.shape)
+
+
+# (broken when, error, message) over the arguments checked so far, in the order they are checked
+_OPTION_RULES: tuple[_Rule, ...] = (
+    (lambda a: a.log_prior is not None and a.centre_logits is None, ValueError,
+     lambda a: "log_prior needs centre_logits (it shifts the centre logits)"),
+    (lambda a: a.smooth > 0 and a.centre_logits is None, ValueError,
+     lambda a: "smooth needs centre_logits (it smooths the centre target)"),
+    (lambda a: a.smooth > 0 and a.mode != "softmax", ValueError,
+     lambda a: "smooth is only defined for mode='softmax'"),
+    (lambda a: a.gamma == 0 and a.centre_logits is None, ValueError,
+     lambda a: "gamma must be > 0 when there is no centre block (the denominator would be empty)"),
+    (lambda a: a.queue is not None and a.queue.shape[1] != a.d, ValueError,
+     lambda a: f"queue must have shape [K, {a.d}] like features, got {_shape(a.queue)}"),
+    (lambda a: a.queue is not None and a.queue.dtype != a.features.dtype, TypeError,
+     lambda a: f"queue dtype {a.queue.dtype} differs from features dtype {a.features.dtype}"),
+    (lambda a: a.queue is not None and a.queue_labels is None, ValueError,
+     lambda a: "queue_labels is required when queue is given"),
+    (lambda a: a.queue is None and a.queue_labels is not None, ValueError,
+     lambda a: "queue_labels was given without queue"),
+)  # fmt: skip
+_CENTRE_RULES: tuple[_Rule, ...] = (
+    (lambda a: a.centre_logits.shape[0] != a.n_anchor, ValueError,
+     lambda a: f"centre_logits must have shape [n_anchor={a.n_anchor}, num_classes], got {_shape(a.centre_logits)}"),
+    (lambda a: a.centre_logits.shape[1] < 1, ValueError,
+     lambda a: "centre_logits must have at least one class column"),
+    (lambda a: a.log_prior is not None and a.log_prior.numel() != a.centre_logits.shape[1], ValueError,
+     lambda a: f"log_prior must have {a.centre_logits.shape[1]} entries (one per class), got {_shape(a.log_prior)}"),
+)  # fmt: skip
+# value checks (a device sync each; skipped under torch.compile, whose graph cannot branch on values)
+_PRIOR_RULES: tuple[_Rule, ...] = (
+    (lambda a: a.class_prior is None, ValueError,
+     lambda a: "negative_weight='prior' needs class_prior (training-set class frequencies)"),
+    (lambda a: not torch.compiler.is_compiling() and int(a.yc.max()) >= a.class_prior.numel(), ValueError,
+     lambda a: f"class_prior has {a.class_prior.numel()} classes but a label is {int(a.yc.max())}"),
+    (lambda a: not torch.compiler.is_compiling() and not bool((a.class_prior > 0).all()), ValueError,
+     lambda a: "class_prior must be > 0 for every class"),
+)  # fmt: skip
+# inputs the backends read as constants: a gradient asked of them would silently be missing
+_CONSTANTS = ("log_prior", "class_prior", "pos_mask")
+
+
+def _apply(rules: tuple[_Rule, ...], a: _Args) -> None:
+    for broken, error, message in rules:
+        if broken(a):
+            raise error(message(a))
+
+
+def _check(features: Tensor, labels: Tensor, *, check_finite: bool, **kwargs) -> _Checked:
     """Check and normalise the arguments of `contrastive_loss` (its defaults apply); the problem of the rows given."""
-    features = checks.tensor("features", features, ndim=2, floating=True)
-    n, d = features.shape
-    if n == 0 or d == 0:
-        raise ValueError(f"features must be a non-empty [N, d] tensor, got shape {tuple(features.shape)}")
-    settings = check_settings(
-        mode=mode,
-        temperature=temperature,
-        base_temperature=base_temperature,
-        supt=supt,
-        alpha=alpha,
-        beta=beta,
-        gamma=gamma,
-        smooth=smooth,
-        negative_weight=negative_weight,
-        kappa=kappa,
-        reduction=reduction,
-    )
-    mode, temperature, base_temperature = settings["mode"], settings["temperature"], settings["base_temperature"]
-    supt, alpha, beta, gamma = settings["supt"], settings["alpha"], settings["beta"], settings["gamma"]
-    smooth, negative_weight, kappa = settings["smooth"], settings["negative_weight"], settings["kappa"]
-    reduction = settings["reduction"]
-    n_anchor = n if n_anchor is None else int(n_anchor)
-    if not 1 <= n_anchor <= n:
-        raise ValueError(f"n_anchor must be in [1, {n}] (the number of feature rows), got {n_anchor}")
-
-    num_classes = 0
-    if centre_logits is not None:
-        centre_logits = checks.tensor("centre_logits", centre_logits, ndim=2, floating=True)
-        checks.same_device("centre_logits", centre_logits, features, "features")
-        if centre_logits.shape[0] != n_anchor:
-            raise ValueError(
-                f"centre_logits must have shape [n_anchor={n_anchor}, num_classes], got {tuple(centre_logits.shape)}"
-            )
-        num_classes = centre_logits.shape[1]
-        if num_classes < 1:
-            raise ValueError("centre_logits must have at least one class column")
-        if log_prior is not None:
-            log_prior = checks.tensor("log_prior", log_prior, floating=True)
-            if log_prior.reshape(-1).shape[0] != num_classes:
-                raise ValueError(
-                    f"log_prior must have {num_classes} entries (one per class), got {tuple(log_prior.shape)}"
-                )
-            checks.same_device("log_prior", log_prior, features, "features")
-            log_prior = log_prior.reshape(-1).float()
-    elif log_prior is not None:
-        raise ValueError("log_prior needs centre_logits (it shifts the centre logits)")
-    elif smooth > 0:
-        raise ValueError("smooth needs centre_logits (it smooths the centre target)")
-    if smooth > 0 and mode != "softmax":
-        raise ValueError("smooth is only defined for mode='softmax'")
-    if gamma == 0 and centre_logits is None:
-        raise ValueError("gamma must be > 0 when there is no centre block (the denominator would be empty)")
-
-    labels = checks.labels("labels", labels, n, features, num_classes or None)
-    k = 0
-    if queue is not None:
-        queue = checks.tensor("queue", queue, ndim=2, floating=True)
-        checks.same_device("queue", queue, features, "features")
-        if queue.shape[1] != d:
-            raise ValueError(f"queue must have shape [K, {d}] like features, got {tuple(queue.shape)}")
-        if queue.dtype != features.dtype:
-            raise TypeError(f"queue dtype {queue.dtype} differs from features dtype {features.dtype}")
-        if queue_labels is None:
-            raise ValueError("queue_labels is required when queue is given")
-        k = queue.shape[0]
-        queue_labels = checks.labels("queue_labels", queue_labels, k, features, num_classes or None)
-        if k == 0:
-            queue = queue_labels = None
-    elif queue_labels is not None:
-        raise ValueError("queue_labels was given without queue")
-
+    a = _Args(**kwargs, features=checks.tensor("features", features, ndim=2, floating=True))
+    a.n, a.d = a.features.shape
+    if a.n == 0 or a.d == 0:
+        raise ValueError(f"features must be a non-empty [N, d] tensor, got shape {_shape(a.features)}")
+    a.set(check_settings(**{k: kwargs[k] for k in _SETTINGS}))
+    a.n_anchor = a.n if a.n_anchor is None else int(a.n_anchor)
+    if not 1 <= a.n_anchor <= a.n:
+        raise ValueError(f"n_anchor must be in [1, {a.n}] (the number of feature rows), got {a.n_anchor}")
+    _centres(a)
+    _tensors(a)
+    _apply(_OPTION_RULES, a)
+    a.labels = checks.labels("labels", labels, a.n, a.features, a.num_classes or None)
+    if a.queue is not None:
+        a.queue_labels = checks.labels(
+            "queue_labels", a.queue_labels, a.queue.shape[0], a.features, a.num_classes or None
+        )
+        if a.queue.shape[0] == 0:
+            a.queue = a.queue_labels = None
     if check_finite:
-        checks.finite("features", features)
-        checks.finite("queue", queue)
-        checks.finite("centre_logits", centre_logits)
+        for name in ("features", "queue", "centre_logits"):
+            checks.finite(name, getattr(a, name))
+    a.yc = a.labels if a.queue_labels is None else torch.cat([a.labels, a.queue_labels])
+    if a.negative_weight == "prior":
+        _apply(_PRIOR_RULES, a)
+    if a.pos_mask is not None:
+        _pos_mask(a)
+    return _problem(a)
 
-    yc = labels if queue_labels is None else torch.cat([labels, queue_labels])
-    if negative_weight == "prior":
-        if class_prior is None:
-            raise ValueError("negative_weight='prior' needs class_prior (training-set class frequencies)")
-        class_prior = checks.tensor("class_prior", class_prior).reshape(-1)
-        if not torch.compiler.is_compiling() and int(yc.max()) >= class_prior.shape[0]:
-            raise ValueError(f"class_prior has {class_prior.shape[0]} classes but a label is {int(yc.max())}")
-        if not torch.compiler.is_compiling() and not bool((class_prior > 0).all()):
-            raise ValueError("class_prior must be > 0 for every class")
-    if pos_mask is not None:
-        pos_mask = checks.tensor("pos_mask", pos_mask, ndim=2)
-        rows, cols = pos_mask.shape
-        tiled = rows == cols and rows > 0 and n_anchor % rows == 0 and (n + k) % cols == 0
-        if (rows, cols) != (n_anchor, n + k) and not tiled:
-            raise ValueError(
-                f"pos_mask must have shape [{n_anchor}, {n + k}], or [B, B] with B dividing both, "
-                f"got {tuple(pos_mask.shape)}"
-            )
-        checks.same_device("pos_mask", pos_mask, features, "features")
 
+def _centres(a: _Args) -> None:
+    """The centre block: centre_logits [n_anchor, C] and log_prior [C] (flattened to fp32)."""
+    a.num_classes = 0
+    if a.centre_logits is None:
+        return
+    a.centre_logits = checks.tensor("centre_logits", a.centre_logits, ndim=2, floating=True)
+    checks.same_device("centre_logits", a.centre_logits, a.features, "features")
+    if a.log_prior is not None:
+        a.log_prior = checks.tensor("log_prior", a.log_prior, floating=True)
+    _apply(_CENTRE_RULES, a)
+    a.num_classes = a.centre_logits.shape[1]
+    if a.log_prior is not None:
+        checks.same_device("log_prior", a.log_prior, a.features, "features")
+        a.log_prior = a.log_prior.reshape(-1).float()
+
+
+def _tensors(a: _Args) -> None:
+    """Types, devices and gradients of the optional tensors (their shapes: the rule tables)."""
+    if a.queue is not None:
+        a.queue = checks.tensor("queue", a.queue, ndim=2, floating=True)
+        checks.same_device("queue", a.queue, a.features, "features")
+    if a.class_prior is not None and a.negative_weight == "prior":
+        a.class_prior = checks.tensor("class_prior", a.class_prior).reshape(-1)
+    for name in _CONSTANTS:
+        x = getattr(a, name)
+        if isinstance(x, Tensor) and x.requires_grad:
+            raise ValueError(f"{name} gets no gradient from the loss (it is read as a constant); pass {name}.detach()")
+
+
+def _pos_mask(a: _Args) -> None:
+    a.pos_mask = checks.tensor("pos_mask", a.pos_mask, ndim=2)
+    rows, cols = a.pos_mask.shape
+    m = a.n + (0 if a.queue is None else a.queue.shape[0])
+    tiled = rows == cols and rows > 0 and a.n_anchor % rows == 0 and m % cols == 0
+    if (rows, cols) != (a.n_anchor, m) and not tiled:
+        raise ValueError(
+            f"pos_mask must have shape [{a.n_anchor}, {m}], or [B, B] with B dividing both, got {_shape(a.pos_mask)}"
+        )
+    checks.same_device("pos_mask", a.pos_mask, a.features, "features")
+
+
+def _problem(a: _Args) -> _Checked:
     weigh = functools.partial(
         column_weights,
-        kind=negative_weight,
-        gamma=gamma,
-        num_classes=num_classes,
-        has_centres=centre_logits is not None,
-        class_prior=class_prior,
-        kappa=kappa,
+        kind=a.negative_weight,
+        gamma=a.gamma,
+        num_classes=a.num_classes,
+        has_centres=a.centre_logits is not None,
+        class_prior=a.class_prior,
+        kappa=a.kappa,
     )
-    w_other, w_same = weigh(yc)
+    w_other, w_same = weigh(a.yc)
     problem = LossProblem(
-        z=features,
-        labels=labels,
-        n_anchor=n_anchor,
-        queue=queue,
-        queue_labels=queue_labels,
-        centre_logits=centre_logits,
-        log_prior=log_prior,
-        num_classes=num_classes,
-        mode=mode,
-        temperature=temperature,
-        loss_scale=temperature / base_temperature,
-        alpha=alpha,
-        beta=beta,
-        supt=supt,
-        smooth=float(smooth),
+        z=a.features,
+        labels=a.labels,
+        n_anchor=a.n_anchor,
+        queue=a.queue,
+        queue_labels=a.queue_labels,
+        centre_logits=a.centre_logits,
+        log_prior=a.log_prior,
+        num_classes=a.num_classes,
+        mode=a.mode,
+        temperature=a.temperature,
+        loss_scale=a.temperature / a.base_temperature,
+        alpha=a.alpha,
+        beta=a.beta,
+        supt=a.supt,
+        smooth=float(a.smooth),
         w_other=w_other,
         w_same=w_same,
-        pos_mask=pos_mask,
+        pos_mask=a.pos_mask,
     )
-    return _Checked(problem, reduction, weigh)
+    return _Checked(problem, a.reduction, weigh)

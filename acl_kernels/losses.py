@@ -1,9 +1,9 @@
 """Drop-in loss modules: each maps its official constructor and forward onto `contrastive_loss`.
 
-Every preset also takes `impl=` (backend) and `process_group=` (a torch.distributed group: each
+Every preset also takes `impl=` (backend), `process_group=` (a torch.distributed group: each
 rank passes its local inputs and gets the loss of the global batch; the layout and the gradient
 convention, under which DistributedDataParallel's average equals the single-process gradient, are
-in `contrastive_loss`'s docstring).
+in `contrastive_loss`'s docstring) and `check_finite=` (False skips the NaN/Inf check of the inputs).
 """
 
 from __future__ import annotations
@@ -28,6 +28,36 @@ def _views_to_rows(name: str, x: Tensor) -> Tensor:
     return x.transpose(0, 1).reshape(-1, x.shape[2])
 
 
+def _batch_labels(labels: Tensor, features: Tensor) -> Tensor:
+    """labels [bsz] of features [bsz, n_views, ...], flattened; the error hints at a [n_views, bsz, d] layout."""
+    labels = checks.tensor("labels", labels, floating=False).reshape(-1)
+    bsz, n_views = features.shape[0], features.shape[1]
+    if labels.shape[0] != bsz:
+        hint = ""
+        if labels.shape[0] == n_views:
+            hint = f"; features {tuple(features.shape)} look like [n_views, bsz, d]: pass features.transpose(0, 1)"
+        raise ValueError(f"labels must have shape [bsz] = [{bsz}], got {tuple(labels.shape)}{hint}")
+    return labels
+
+
+def _view_logits(sup_logits: Tensor, bsz: int, n_views: int, num_classes: int) -> Tensor:
+    """sup_logits [bsz, n_views, C] -> [n_views * bsz, C] view-major, with a hint for the usual other layouts."""
+    want = (bsz, n_views, num_classes)
+    sup_logits = checks.tensor("sup_logits", sup_logits, floating=True)
+    if tuple(sup_logits.shape) != want:
+        hint = ""
+        if sup_logits.dim() == 2 and sup_logits.shape[0] == bsz * n_views:
+            hint = (
+                f"; logits of the rows in view order [n_views * bsz, C] are "
+                f"sup_logits.view({n_views}, {bsz}, C).transpose(0, 1)"
+            )
+        elif tuple(sup_logits.shape) == (n_views, bsz, num_classes):
+            hint = "; logits laid out [n_views, bsz, C]: pass sup_logits.transpose(0, 1)"
+        got = tuple(sup_logits.shape)
+        raise ValueError(f"sup_logits must have shape [bsz, n_views, num_classes] = {list(want)}, got {got}{hint}")
+    return sup_logits.transpose(0, 1).reshape(-1, num_classes)
+
+
 class SupConLoss(nn.Module):
     """Supervised contrastive loss with the arguments and semantics of HobbitLong/SupContrast.
 
@@ -46,6 +76,7 @@ class SupConLoss(nn.Module):
         base_temperature: float = 0.07,
         impl: str = "auto",
         process_group=None,
+        check_finite: bool = True,
     ):
         super().__init__()
         settings = check_settings(temperature=temperature, base_temperature=base_temperature, impl=impl)
@@ -54,6 +85,7 @@ class SupConLoss(nn.Module):
         self.base_temperature = settings["base_temperature"]
         self.impl = impl
         self.process_group = process_group
+        self.check_finite = checks.flag("check_finite", check_finite)
 
     def forward(self, features: Tensor, labels: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         z = _views_to_rows("features", features)
@@ -74,9 +106,7 @@ class SupConLoss(nn.Module):
                 first = distributed.row_offset(bsz, self.process_group, z.device)
             labels = torch.arange(first, first + bsz, device=z.device)
         else:
-            labels = checks.tensor("labels", labels, floating=False).reshape(-1)
-            if labels.shape[0] != bsz:
-                raise ValueError(f"labels must have shape [bsz] = [{bsz}], got {tuple(labels.shape)}")
+            labels = _batch_labels(labels, features)
         return contrastive_loss(
             z,
             labels.to(z.device).repeat(n_views),
@@ -86,6 +116,7 @@ class SupConLoss(nn.Module):
             pos_mask=pos_mask,
             impl=self.impl,
             process_group=self.process_group,
+            check_finite=self.check_finite,
         )
 
 
@@ -107,14 +138,17 @@ class _CentreLoss(nn.Module):
             raise ValueError("cls_num_list must hold non-negative counts with a positive total")
         self.weight = (counts / counts.sum()).view(1, self.num_classes)
 
+    # why the preset wants the prior (PaCo/GPaCo: their official code fails without it)
+    _prior_note = "the official code requires it"
+
     def _warn_without_prior(self) -> None:
-        """PaCo/GPaCo: the official code needs cal_weight_for_classes (it adds log pi to the centre
-        logits); without it this preset computes the loss without that compensation, and says so once."""
+        """cal_weight_for_classes adds log pi to the centre logits; without it the preset computes the
+        loss without that compensation, and says so once."""
         if self.weight is None and not self._warned_prior:
             self._warned_prior = True
             warnings.warn(
                 f"{type(self).__name__}: cal_weight_for_classes(cls_num_list) was not called, so the centre "
-                "logits get no log-prior compensation (the official code requires it); call it with the "
+                f"logits get no log-prior compensation ({self._prior_note}); call it with the "
                 "training-set class counts",
                 UserWarning,
                 stacklevel=2,
@@ -165,6 +199,7 @@ class PaCoLoss(_CentreLoss):
         smooth: float = 0.0,
         impl: str = "auto",
         process_group=None,
+        check_finite: bool = True,
     ):
         super().__init__(num_classes)
         s = check_settings(
@@ -183,6 +218,7 @@ class PaCoLoss(_CentreLoss):
         self.smooth = s["smooth"]
         self.impl = impl
         self.process_group = process_group
+        self.check_finite = checks.flag("check_finite", check_finite)
 
     def forward(
         self,
@@ -230,6 +266,7 @@ class PaCoLoss(_CentreLoss):
             smooth=self.smooth,
             impl=self.impl,
             process_group=self.process_group,
+            check_finite=self.check_finite,
         )
 
 
@@ -263,7 +300,9 @@ class ACLLoss(_CentreLoss):
             contrast set, centre included); "prior" by pi_c^-kappa (needs cal_weight_for_classes);
             "none".
         kappa (1.0): exponent of the "prior" weighting.
-        logit_adjust (True): add log(pi) to the centre logits once cal_weight_for_classes was called.
+        logit_adjust (True): add log(pi) to the centre logits once cal_weight_for_classes was called
+            (with centres and without it, the first forward warns that the adjustment is missing).
+        check_finite (True): refuse NaN/Inf inputs (one device sync per call), as contrastive_loss.
         mode ("aligned"): "softmax" gives all positives of an anchor one shared denominator, as
             SupCon, with everything else unchanged (the ablation of the aligned denominators).
 
@@ -272,6 +311,8 @@ class ACLLoss(_CentreLoss):
             queue [K, d] and queue_labels [K] or None).
     Under a process group the queue must be detached.
     """
+
+    _prior_note = "logit_adjust=True by default; pass logit_adjust=False to go without"
 
     def __init__(
         self,
@@ -288,6 +329,7 @@ class ACLLoss(_CentreLoss):
         mode: str = "aligned",
         impl: str = "auto",
         process_group=None,
+        check_finite: bool = True,
     ):
         super().__init__(num_classes)
         s = check_settings(
@@ -309,6 +351,7 @@ class ACLLoss(_CentreLoss):
         self.logit_adjust = checks.flag("logit_adjust", logit_adjust)
         self.impl = impl
         self.process_group = process_group
+        self.check_finite = checks.flag("check_finite", check_finite)
 
     def forward(
         self,
@@ -320,16 +363,12 @@ class ACLLoss(_CentreLoss):
     ) -> Tensor:
         z = _views_to_rows("features", features)
         bsz, n_views = features.shape[0], features.shape[1]
-        labels = checks.labels("labels", labels, bsz, z, self.num_classes).repeat(n_views)
+        labels = checks.labels("labels", _batch_labels(labels, features), bsz, z, self.num_classes).repeat(n_views)
         centre = None
         if sup_logits is not None:
-            sup_logits = checks.tensor("sup_logits", sup_logits, ndim=3, floating=True)
-            if tuple(sup_logits.shape) != (bsz, n_views, self.num_classes):
-                raise ValueError(
-                    f"sup_logits must have shape [bsz, n_views, num_classes] = [{bsz}, {n_views}, "
-                    f"{self.num_classes}], got {tuple(sup_logits.shape)}"
-                )
-            centre = sup_logits.transpose(0, 1).reshape(-1, self.num_classes)
+            centre = _view_logits(sup_logits, bsz, n_views, self.num_classes)
+            if self.logit_adjust:
+                self._warn_without_prior()
         if self.negative_weight == "prior" and self.weight is None:
             raise ValueError("negative_weight='prior' needs cal_weight_for_classes(cls_num_list) first")
         return contrastive_loss(
@@ -351,4 +390,5 @@ class ACLLoss(_CentreLoss):
             kappa=self.kappa,
             impl=self.impl,
             process_group=self.process_group,
+            check_finite=self.check_finite,
         )

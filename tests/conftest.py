@@ -63,6 +63,69 @@ def rounding_floor(temperature: float, upstream: torch.Tensor) -> float:
     return 8 * torch.finfo(torch.float32).eps / temperature * max(1.0, upstream.abs().max().item())
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def error_bar(
+    oracle: torch.Tensor, baseline, dtype: torch.dtype, logit_scale: float, unit: float, fp32_scale: float = 1.0
+) -> float:
+    """The tolerance of every comparison with a float64 result, from the error model (one rule).
+
+    - fp16/bf16 data: the float64 result rounded to the data type, +- 2 ulps of the data type at
+      the result's scale (the kernels compute in fp32 from the rounded inputs, so the rounding of
+      the output dominates): |actual - oracle| <= |rnd(oracle) - oracle| + 2 eps max|oracle|.
+    - fp32 data: twice the error of PyTorch's own fp32 computation of the same quantity
+      (`baseline`: the same formulas in fp32 on the same inputs, never the code under test), and
+      at least 8 ulps of what
+      the arithmetic rounds: a logit of size `logit_scale` carries eps * logit_scale absolute
+      error, which moves every probability by that relative amount; `unit` is the size of the
+      quantity per unit of probability (1 for a loss, |z| / T times the upstream gradient for dz).
+    - fp64 data: the 8 ulps alone (the baseline would be the result itself).
+    Every backend holds the column weights and the log prior in fp32, fp64 data included (README:
+    two [M] fp32 vectors): a logit shifted by log g or log pi / supt carries eps32 times that
+    shift (`fp32_scale`, at least 1), so the floor holds 8 eps32 fp32_scale too.
+    Returns the largest absolute error allowed (a scalar; the fp16/bf16 bar is per element: its max).
+    """
+    o = oracle.detach().double().cpu()
+    if dtype in HALF:
+        rounded = o.to(dtype).double()
+        return ((rounded - o).abs() + 2 * torch.finfo(dtype).eps * o.abs().max()).max().item() if o.numel() else 0.0
+    floor = 8 * (torch.finfo(dtype).eps * max(1.0, logit_scale) + torch.finfo(torch.float32).eps * fp32_scale) * unit
+    if dtype == torch.float64 or baseline is None:
+        return floor
+    return max(floor, 2 * (baseline.detach().double().cpu() - o).abs().max().item() if o.numel() else 0.0)
+
+
+def assert_within_error_bar(
+    actual, oracle, baseline, dtype, logit_scale: float, unit: float, name: str, fp32_scale: float = 1.0
+) -> None:
+    """actual within error_bar of the float64 oracle, element by element for fp16/bf16; NaN fails."""
+    a, o = actual.detach().double().cpu(), oracle.detach().double().cpu()
+    assert a.shape == o.shape, f"{name}: shape {tuple(a.shape)} != {tuple(o.shape)}"
+    assert torch.isfinite(o).all(), f"{name}: the oracle is not finite"
+    assert torch.isfinite(a).all(), f"{name}: non-finite values in the result"
+    if not a.numel():
+        return
+    err = (a - o).abs()
+    if dtype in HALF:
+        allowed = (o.to(dtype).double() - o).abs() + 2 * torch.finfo(dtype).eps * o.abs().max()
+        worst = int((err - allowed).argmax())
+        ok, bar = bool((err <= allowed).all()), allowed.reshape(-1)[worst].item()
+    else:
+        bar = error_bar(o, baseline, dtype, logit_scale, unit, fp32_scale)
+        worst = int(err.argmax())
+        ok = err.max().item() <= bar
+    assert ok, (
+        f"{name}: error {err.reshape(-1)[worst].item():.3e} > bar {bar:.3e} at flat index {worst}: got "
+        f"{a.reshape(-1)[worst].item():.10g}, expected {o.reshape(-1)[worst].item():.10g}"
+    )
+
+
+def run_seed() -> int:
+    """The seed of a random test run: ACL_TEST_SEED, or a fresh one (print it where the test runs)."""
+    return int(os.environ.get("ACL_TEST_SEED") or int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
+
+
 def unit_rows(*shape, dtype=torch.float32, generator=None) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, dtype=torch.float64, generator=generator), dim=-1).to(dtype)
 
@@ -73,7 +136,7 @@ def rng():
 
     Set ACL_TEST_SEED to replay a failing run.
     """
-    seed = int(os.environ.get("ACL_TEST_SEED") or int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
+    seed = run_seed()
     print(f"seed={seed} (replay with ACL_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import assert_close, assert_close_to_oracle, make_case, rounding_floor, unit_rows
+from conftest import assert_close, assert_close_to_oracle, make_case, require_native, rounding_floor, unit_rows
 
 from acl_kernels import contrastive_loss
 from acl_kernels.ops.contrastive import chunked
@@ -173,18 +173,34 @@ def test_env_var_forces_backend(rng, monkeypatch):
     monkeypatch.setattr(dispatch, "_BACKENDS", None)
 
 
+def _compiled_matches_eager(rng, impl, mode, dynamic, sizes):
+    z, y, kw, inputs = make_case(rng, max(sizes), 8, 4, centres=True)
+    kw.update(negative_weight="prior", class_prior=torch.rand(4, generator=rng) + 0.1)
+
+    def loss(z, y, u, temperature):
+        return contrastive_loss(z, y, mode=mode, impl=impl, temperature=temperature, **dict(kw, centre_logits=u))
+
+    torch._dynamo.reset()  # each case's closure shares one code object: start its guard count afresh
+    compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for rows, temperature in zip(sizes, (0.1, 0.2)):
+        part = [z[:rows].detach().requires_grad_(), inputs[1][:rows].detach().requires_grad_()]
+        got = compiled(part[0], y[:rows], part[1], temperature)
+        expected = loss(part[0], y[:rows], part[1], temperature)
+        assert_close(got, expected, 1e-6, "loss")
+        for g, e in zip(torch.autograd.grad(got, part), torch.autograd.grad(expected, part)):
+            assert_close(g, e, 1e-6, "grad")
+
+
 @pytest.mark.parametrize("mode", ["softmax", "aligned"])
 def test_torch_compile_fullgraph(rng, cpu_impl, mode):
     """A compiled training step keeps the loss in one graph (value checks are skipped under compile)."""
-    z, y, kw, inputs = make_case(rng, 48, 8, 4, centres=True)
-    kw.update(negative_weight="prior", class_prior=torch.rand(4, generator=rng) + 0.1)
+    _compiled_matches_eager(rng, cpu_impl, mode, False, (48,))
 
-    def loss(z, u):
-        return contrastive_loss(z, y, mode=mode, impl=cpu_impl, **dict(kw, centre_logits=u))
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    got = compiled(*inputs)
-    expected = loss(*inputs)
-    assert_close(got, expected, 1e-6, "loss")
-    for g, e in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(expected, inputs)):
-        assert_close(g, e, 1e-6, "grad")
+@pytest.mark.parametrize("mode", ["softmax", "aligned"])
+def test_torch_compile_dynamic(rng, mode):
+    """dynamic=True makes the sizes and the temperature symbolic: the scalar checks must take them,
+    and a second size and temperature run the same graph. (The native op: compiling the torch
+    backend's row chunks with symbolic sizes takes about a minute.)"""
+    require_native()
+    _compiled_matches_eager(rng, "native", mode, True, (48, 40))

@@ -1,8 +1,10 @@
 """Bad input gets a clear error that names the argument."""
 
+import warnings
+
 import pytest
 import torch
-from conftest import unit_rows
+from conftest import require_native, unit_rows
 
 from acl_kernels import ACLLoss, GPaCoLoss, SupConLoss, contrastive_loss
 
@@ -100,3 +102,90 @@ def test_device_mismatch_is_named():
     meta = torch.zeros(8, dtype=torch.long, device="meta")
     with pytest.raises(ValueError, match="labels is on meta but features is on cpu"):
         contrastive_loss(Z, meta)
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "native"])
+@pytest.mark.parametrize("mode", ["softmax", "aligned"])
+def test_nan_in_the_queue_reaches_every_loss(impl, mode, rng):
+    """check_finite=False: a NaN contrast row is in every anchor's denominator, so the loss of every
+    anchor with a target is NaN (a kernel that took log(NaN mass) as 0 gave a finite loss and NaN
+    gradients)."""
+    if impl == "native":
+        require_native()
+    for n, k, d in ((16, 16, 32), (8, 4, 16), (40, 64, 64)):
+        z = unit_rows(n, d, generator=rng)
+        q = unit_rows(k, d, generator=rng)
+        q[int(torch.randint(0, k, (1,), generator=rng)), 1] = float("nan")
+        y, qy = (torch.randint(0, 5, (m,), generator=rng) for m in (n, k))
+        kw = dict(queue=q, queue_labels=qy, mode=mode, impl=impl, check_finite=False, reduction="none")
+        losses = contrastive_loss(z, y, **kw)
+        has_target = (y[:, None] == torch.cat([y, qy])[None, :]).sum(1) > 1  # the loss is 0 without one
+        assert has_target.any() and torch.isnan(losses[has_target]).all(), f"n={n} k={k} d={d}: {losses}"
+        assert (losses[~has_target] == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "native"])
+def test_second_derivative_is_refused(impl):
+    if impl == "native":
+        require_native()
+    z = Z.clone().requires_grad_()
+    (g,) = torch.autograd.grad(contrastive_loss(z, Y, impl=impl), z)  # a first derivative works
+    assert torch.isfinite(g).all()
+    with pytest.raises(RuntimeError, match="not differentiable.*impl='reference'"):
+        torch.autograd.grad(contrastive_loss(z, Y, impl=impl), z, create_graph=True)
+
+
+def test_labels_beyond_int32_are_refused():
+    big = Y.clone()
+    big[0] = 2**32  # as int32 it would be class 0
+    with pytest.raises(ValueError, match=r"labels must be < 2\^31"):
+        contrastive_loss(Z, big)
+    q = unit_rows(2, 4)
+    with pytest.raises(ValueError, match=r"queue_labels must be < 2\^31"):
+        contrastive_loss(Z, Y, queue=q, queue_labels=torch.tensor([1, 2**31]))
+
+
+def test_constants_that_require_grad_are_refused():
+    u = torch.randn(8, 3)
+    with pytest.raises(ValueError, match=r"log_prior gets no gradient.*log_prior.detach\(\)"):
+        contrastive_loss(Z, Y, centre_logits=u, log_prior=torch.zeros(3, requires_grad=True))
+    prior = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="class_prior gets no gradient"):
+        contrastive_loss(Z, Y, negative_weight="prior", class_prior=prior)
+
+
+def test_preset_hints():
+    """The errors a new user meets point at the fix: layout, check_finite, sup_logits rank."""
+    feats = Z.view(4, 2, 4)
+    with pytest.raises(ValueError, match=r"look like \[n_views, bsz, d\]: pass features.transpose\(0, 1\)"):
+        SupConLoss()(feats, Y[:2])
+    with pytest.raises(ValueError, match=r"look like \[n_views, bsz, d\]"):
+        ACLLoss(3)(feats, Y[:2])
+    with pytest.raises(ValueError, match=r"view order \[n_views \* bsz, C\] are sup_logits.view\(2, 4, C\)"):
+        ACLLoss(3)(feats, Y[:4], sup_logits=torch.randn(8, 3))
+    with pytest.raises(ValueError, match=r"\[n_views, bsz, C\]: pass sup_logits.transpose\(0, 1\)"):
+        ACLLoss(3)(feats, Y[:4], sup_logits=torch.randn(2, 4, 3))
+    bad = feats.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="check_finite=False, to contrastive_loss or to a preset's constructor"):
+        SupConLoss()(bad, Y[:4])
+    for preset in (SupConLoss(check_finite=False), ACLLoss(3, check_finite=False)):
+        assert torch.isnan(preset(bad, Y[:4]))
+    with pytest.raises(TypeError, match="check_finite must be True or False"):
+        GPaCoLoss(alpha=0.1, check_finite=1)
+
+
+def test_acl_without_class_counts_warns_once():
+    feats, sup = Z.view(4, 2, 4), torch.randn(4, 2, 3)
+    loss = ACLLoss(3)
+    with pytest.warns(UserWarning, match="ACLLoss: cal_weight_for_classes.*logit_adjust=False") as seen:
+        loss(feats, Y[:4], sup_logits=sup)
+        loss(feats, Y[:4], sup_logits=sup)
+    assert len(seen) == 1
+    for quiet in (ACLLoss(3, logit_adjust=False), ACLLoss(3)):
+        if quiet.logit_adjust:
+            quiet.cal_weight_for_classes([1, 2, 3])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            quiet(feats, Y[:4], sup_logits=sup)
+            ACLLoss(3)(feats, Y[:4])  # no centre block: nothing to adjust

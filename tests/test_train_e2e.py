@@ -10,7 +10,7 @@ import pytest
 import torch
 from train_common import small_args, small_cfg
 
-from train import engine
+from train import engine, state
 from train.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,12 +60,27 @@ def test_smoke_cli(tmp_path, capsys, loader):
         ("la", []),
     ],
 )
-def test_every_loss_trains(tmp_path, loss, extra):
+def test_every_loss_trains(tmp_path, monkeypatch, loss, extra):
+    """A finite training loss, every trainable weight of the classifier moved, the queue filled."""
+    initial = {}
+
+    def model(*args, **kwargs):  # the freshly initialised model, before the first step
+        m = build(*args, **kwargs)
+        initial.update({k: v.detach().clone() for k, v in m.named_parameters()})
+        return m
+
+    build = state.Model
+    monkeypatch.setattr(state, "Model", model)
     cfg = small_cfg(tmp_path, "--data-loader", "pytorch", "--workers", "0", "--loss", loss, "--max-steps", "3", *extra)
-    report = engine.train(cfg)
-    assert 0 <= report["top1"] <= 100
-    ck = torch.load(tmp_path / cfg["name"] / "checkpoint.pt", weights_only=False)
-    assert ck["epoch"] == 1
+    engine.train(cfg)
+    run = tmp_path / cfg["name"]
+    header, row = (run / "metrics.csv").read_text().splitlines()[:2]
+    train_loss = float(dict(zip(header.split(","), row.split(",")))["loss"])
+    assert torch.isfinite(torch.tensor(train_loss)), train_loss
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 1 and initial
+    moved = [k for k, v in initial.items() if not torch.equal(ck["model"][k].cpu(), v.cpu())]
+    assert len(moved) > len(initial) // 2, f"only {moved} of {list(initial)} changed"
     if "--queue-size" in extra:
         assert int(ck["objective"]["queue_ptr"][1]) == 48  # the queue filled (and wrapped)
 
@@ -165,10 +180,15 @@ def test_ddp_two_processes_gloo(tmp_path):
         "--nproc_per_node=2",
         "-m",
         "train",
-        *small_args(tmp_path, "--queue-size", "32", "--n-views", "4"),
+        *small_args(tmp_path, "--queue-size", "512", "--n-views", "4"),
     ]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 rank(s) on cpu" in res.stdout and res.stdout.count("final (mnist_lt_acl)") == 1
     ck = torch.load(tmp_path / "mnist_lt_acl" / "checkpoint.pt", weights_only=False)
-    assert ck["epoch"] == 1 and int(ck["objective"]["queue_ptr"][1]) == 32  # keys gathered from both ranks
+    # ACL queues every view: 2 steps x 4 views x 16 rows per rank = 128 keys per rank, 256 with the
+    # all-gather (128 if each rank queued only its own); the queue of 512 never wraps
+    queue, ptr = ck["objective"]["queue"], ck["objective"]["queue_ptr"]
+    assert ck["epoch"] == 1 and (int(ptr[0]), int(ptr[1])) == (256, 256), ptr
+    norms = queue.norm(dim=1)
+    assert bool((norms[:256] > 0.5).all()) and bool((norms[256:] == 0).all()), norms

@@ -64,16 +64,27 @@ def test_dali_pipeline_lives_across_epochs_and_restores(mnist, tmp_path):
         gc.enable()
 
 
-def test_fallback_blur_is_pils_with_uniform_sigma():
+def test_fallback_blur_is_pils_with_uniform_sigma(monkeypatch):
     img = Image.effect_noise((64, 48), 60).convert("RGB")
     blur = _PilGaussianBlur(0.1, 2.0)
     torch.manual_seed(3)
     sigma = 0.1 + 1.9 * float(torch.rand(()))
     torch.manual_seed(3)
     assert blur(img).tobytes() == img.filter(ImageFilter.GaussianBlur(radius=sigma)).tobytes()
+    # the radii the class itself draws (PIL's filter records them), not a formula of the test's own
+    drawn = []
+    real = ImageFilter.GaussianBlur
+    monkeypatch.setattr(ImageFilter, "GaussianBlur", lambda radius: drawn.append(radius) or real(radius))
     torch.manual_seed(0)
-    sigmas = torch.tensor([0.1 + 1.9 * float(torch.rand(())) for _ in range(2000)])
-    assert 0.1 <= sigmas.min() and sigmas.max() <= 2.0 and abs(sigmas.mean().item() - 1.05) < 0.05
+    tiny = Image.new("RGB", (2, 2))
+    for _ in range(2000):
+        blur(tiny)
+    sigmas = torch.tensor(drawn)
+    assert len(drawn) == 2000 and 0.1 <= sigmas.min() and sigmas.max() <= 2.0
+    # U(0.1, 2.0): mean 1.05, a quarter of the draws in each quarter of the range (4 sigma bounds)
+    assert abs(sigmas.mean().item() - 1.05) < 0.05
+    quarters = torch.histc(sigmas, bins=4, min=0.1, max=2.0) / 2000
+    assert bool(((quarters - 0.25).abs() < 0.04).all()), quarters
 
 
 def test_mid_epoch_resume_with_other_world_or_batch_is_refused(tmp_path, monkeypatch):

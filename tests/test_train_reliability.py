@@ -264,6 +264,25 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_pat
     assert "NaN/Inf" in err and "training diverged" in err and "last good checkpoint" in err
     state, _ = checkpoint.load(tmp_path / "mnist_lt_acl-ce" / "checkpoint.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    # the kept checkpoint holds the weights of a clean run stopped after the same steps, not any finite ones
+    monkeypatch.undo()
+    calls = {"n": 0}
+
+    def stop_after_epoch_one(self, device):
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    monkeypatch.setattr(engine._Stop, "requested", stop_after_epoch_one)
+    with pytest.raises(SystemExit):
+        main(small_args(tmp_path, *FAST, "--epochs", "2", "--loss", "ce", "--name", "clean"))
+    clean, _ = checkpoint.load(tmp_path / "clean" / "checkpoint.pt")  # saved after epoch 1's 3 steps
+    _assert_same_weights(state["model"], clean["model"])
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
 # -------------------------------------------------------------------- resumed logs and sums
@@ -297,6 +316,8 @@ def test_sigterm_on_the_last_step_then_resume_logs_every_step_once(tmp_path, mon
     losses = [[r.split(",")[2] for r in rs[1:]] for rs in rows]
     assert losses[0] == losses[1]  # the resumed epoch's loss covers its steps before the SIGTERM
     assert all(float(r.split(",")[7]) > 0 for r in rows[1][1:])  # images/s
+    weights = [checkpoint.load(tmp_path / n / "checkpoint.pt")[0]["model"] for n in ("straight", "split")]
+    _assert_same_weights(*weights)  # the resumed run ends where the uninterrupted one does
 
 
 # ------------------------------------------------------------------------------ command line

@@ -313,3 +313,42 @@ def test_one_exp_and_its_fallback(rng, mode):
         kw["centre_logits"].mul_(torch.linspace(0, 100, 90)[:, None])
     assert not _one_exp(z, y, kw, mode, 0.1)
     compare(z, y, kw, inputs, rng=rng, mode=mode, temperature=0.1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_in_the_queue_reaches_the_loss(rng, mode):
+    """check_finite=False: a NaN in the queue makes the loss of every anchor with a target NaN (a NaN
+    mass once became log_mass = 0: a finite loss with NaN gradients)."""
+    for n, k, d in ((16, 16, 32), (40, 64, 64)):
+        z, q = unit_rows(n, d, generator=rng), unit_rows(k, d, generator=rng)
+        q[int(torch.randint(0, k, (1,), generator=rng)), 1] = float("nan")
+        y, qy = (torch.randint(0, 5, (m,), generator=rng) for m in (n, k))
+        kw = dict(queue=q, queue_labels=qy, mode=mode, check_finite=False, reduction="none")
+        losses = contrastive_loss(z, y, impl="triton", **kw)
+        has_target = (y[:, None] == torch.cat([y, qy])[None, :]).sum(1) > 1
+        assert torch.isnan(losses[has_target]).all() and (losses[~has_target] == 0).all(), losses
+
+
+def test_second_derivative_is_refused(rng):
+    z = unit_rows(12, 8, generator=rng).requires_grad_()
+    y = torch.randint(0, 3, (12,), generator=rng)
+    with pytest.raises(RuntimeError, match="not differentiable.*impl='reference'"):
+        torch.autograd.grad(contrastive_loss(z, y, impl="triton"), z, create_graph=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_wide_rows_take_the_chunk_loop(rng, mode):
+    """d > 256: the forward's similarity in chunks of CHUNK_K, the backward's output in 256-wide chunks
+    (on a GPU only before); a queue and centres so every kernel takes the wide path."""
+    d = triton_backend.WHOLE_D_MAX + 44
+    z, y, kw, inputs = make_case(rng, 40, d, 4, n_anchor=24, queue=9, centres=True)
+    compare(z, y, kw, inputs, rng=rng, mode=mode)
+
+
+@pytest.mark.parametrize("tiles", [(64, 64), (128, 64)], ids=["64x64", "128x64"])
+@pytest.mark.parametrize("mode", MODES)
+def test_production_tiles(rng, monkeypatch, mode, tiles):
+    """The kernels with tile shapes of the GPU's tables (not the interpreter's 32x32), ragged rows."""
+    monkeypatch.setattr(triton_backend, "INTERPRET_TILES", triton_backend.Tiles(*tiles, 4, 1))
+    z, y, kw, inputs = make_case(rng, 150, 64, 5, n_anchor=100, queue=37)
+    compare(z, y, kw, inputs, rng=rng, mode=mode)

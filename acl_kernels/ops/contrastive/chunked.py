@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .problem import LossProblem, centre_block, compute_dtype, weights_into
+from .problem import LossProblem, centre_block, compute_dtype, refuse_double_backward, weights_into
 
 # Elements of one [chunk, C + M] tile (8 MiB in fp32); a workspace holds about seven.
 TILE_ELEMENTS = 1 << 21
@@ -81,7 +81,7 @@ def row_statistics(ws: Workspace, l: Tensor, g: Tensor, t: Tensor, pos: Tensor, 
         m, x = ws.shifted_max(l, torch.gt(g, 0, out=mask))
         mass = x.exp_().mul_(g).sum(1)
         # mass == 0 only when the row has no denominator, hence no target and a zero loss
-        log_mass = torch.where(mass > 0, torch.log(mass), 0.0)
+        log_mass = torch.where(mass == 0, 0.0, torch.log(mass))  # a NaN mass stays NaN
         t_dot_l = torch.mul(t, l, out=y).sum(1)
         loss = torch.where(a > 0, m + log_mass - t_dot_l * inv_a, 0.0)
         return loss, torch.stack([m, log_mass, inv_a, torch.zeros_like(a)], 1)
@@ -222,6 +222,7 @@ class ChunkedContrastiveFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
+        refuse_double_backward("torch")
         (stats,) = ctx.saved_tensors
         p: LossProblem = ctx.problem
         need_z = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]

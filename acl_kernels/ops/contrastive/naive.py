@@ -25,9 +25,9 @@ def masked_exp(x: Tensor, keep: Tensor) -> Tensor:
 
 
 def safe_log(x: Tensor) -> Tensor:
-    """log(x) where x > 0, -inf where x == 0, with a finite gradient everywhere."""
-    positive = x > 0
-    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))), float("-inf"))
+    """log(x) where x > 0, -inf where x == 0, NaN where x is NaN, with a finite gradient where x >= 0."""
+    zero = x == 0
+    return torch.where(zero, float("-inf"), torch.log(torch.where(zero, torch.ones_like(x), x)))
 
 
 def per_anchor_loss(l: Tensor, g: Tensor, t: Tensor, pos: Tensor, mode: str) -> Tensor:

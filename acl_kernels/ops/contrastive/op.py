@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .problem import LossProblem
+from .problem import LossProblem, refuse_double_backward
 
 _LIB = torch.library.Library("acl_kernels", "FRAGMENT")
 _FWD_SCHEMA = (
@@ -102,6 +102,7 @@ def _backward(ctx, grad_loss, grad_stats):
     if ctx.partial:
         raise RuntimeError("contrastive_fwd over an anchor range is not differentiable: a process group's "
                            "gradient goes through acl_kernels.distributed")  # fmt: skip
+    refuse_double_backward("native/triton")
     stats, z, labels, queue, centre_logits, log_prior, w_same, w_other = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_z, need_q, need_u = need[0], need[2] and queue is not None, need[3] and centre_logits is not None

@@ -77,6 +77,16 @@ class LossProblem:
         return self.labels if self.queue_labels is None else torch.cat([self.labels, self.queue_labels])
 
 
+def refuse_double_backward(backend: str) -> None:
+    """The fused backwards have no derivative of their own: called at the start of a backward, raise
+    where autograd would record one (create_graph=True), instead of a silent zero second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the {backend} backend's gradient is not differentiable (create_graph=True, double backward); "
+            "use impl='reference' for second derivatives"
+        )
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -142,7 +152,7 @@ def weights_into(
     anchor_idx = torch.arange(rows.start, rows.start + c, device=dev)
     if p.pos_mask is None:
         pos_s.copy_(same)
-        t_s.copy_(torch.mul(same, p.alpha, out=into(t_s)))
+        t_s.copy_(same).mul_(p.alpha)  # in t's dtype: bool * float would round alpha to float32
     else:  # entry (i, j) = pos_mask[i % rows, j % cols]: a [B, B] block is tiled over the views
         mask_rows, mask_cols = p.pos_mask.shape
         col_idx = torch.arange(m, device=dev) if cols is None else cols
