@@ -290,7 +290,14 @@ class ACLLoss(_CentreLoss):
         L_i = -(1/A_i) sum_p t_ip log( e^{l_ip} / (e^{l_ip} + sum_neg g_ik e^{l_ik}) ),
     so positives are only attracted and negatives only repelled (ops/contrastive/README.md).
 
-    Arguments (defaults follow the GPaCo ImageNet-LT recipe that ACL configs start from):
+    With its defaults, every view of every image is an anchor; its positives are its own class centre
+    (weight beta = 1, logit u_c + log pi_c) and every other same-class row (alpha = 0.05 each, logit
+    z_i.z_j / 0.2); its negatives are the other centres (weight 1) and the other classes' rows, each
+    weighted 1 / (rows of its class in the batch + 1). The centre term is thus logit-adjusted
+    cross-entropy with class-weighted sample negatives in its denominator. These defaults won ACL's
+    search on the MNIST-LT validation split (train/results/study.md; docs/losses.md spells it out).
+
+    Arguments:
         num_classes: C of the classifier whose rows are the class centres.
         temperature (0.2), base_temperature (= temperature): logits s / temperature, loss scaled by
             temperature / base_temperature.
