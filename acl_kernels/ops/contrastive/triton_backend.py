@@ -315,7 +315,10 @@ def _backward_rows(srt: _Sorted, stats: Tensor, coef: Tensor, n_anchor: int, ali
     f = coef * torch.exp2(cbar - c)
     m_rows = srt.zs.shape[0]
     per_anchor = torch.stack([c, coef, m, log_mass, inv_a, f])  # rows ROW_C .. ROW_F
-    fill = torch.tensor([float("inf"), 0, 0, 0, 0, 0], device=c.device)[:, None].expand(-1, m_rows - n_anchor)
+    # rows that are not anchors: coef 0 and a shift m = +inf, so their dl is 0 * 2^-inf = 0, never
+    # 0 * 2^(x - 0) = 0 * inf at small temperatures or for long rows
+    inf = float("inf")
+    fill = torch.tensor([inf, 0, inf, 0, 0, 0], device=c.device)[:, None].expand(-1, m_rows - n_anchor)
     rowv = torch.cat([torch.cat([per_anchor, fill], 1)[:, srt.perm], torch.exp2(srt.bias[1:2])])
     assert rowv.shape[0] == K.ROWV
     scal = torch.stack([cbar, 1.0 / (temperature * guard), one_exp.float()]).float()
