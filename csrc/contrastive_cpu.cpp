@@ -77,7 +77,10 @@ struct RowTerms {
 template <typename T>
 RowTerms<T> row_terms(const Problem<T>& p, const T* stats, const T* grad) {
   RowTerms<T> t;
-  for (auto* v : {&t.coef, &t.shift, &t.inv_a, &t.r, &t.mass}) v->assign(p.M, T(0));
+  for (auto* v : {&t.coef, &t.inv_a, &t.r, &t.mass}) v->assign(p.M, T(0));
+  // a row with coef 0 gets the shift +inf, so its dl is 0 * 2^-inf = 0: a shift of 0 makes it
+  // 0 * g * 2^127 = NaN once a column weight g >= 2 (exp2_fast clamps at 2^127)
+  t.shift.assign(p.M, std::numeric_limits<T>::infinity());
   for (int64_t i = 0; i < p.n_anchor; ++i) {
     const T* st = stats + 4 * i;
     const T m = st[0], log_mass = st[1];
