@@ -165,7 +165,7 @@ void row_finish(const Problem<T>& p, RowState<T>& st, const T* pos, T* loss, T* 
   const T m = st.m > no_max<T>() ? st.m : T(0);
   T out = 0, r = 0, log_mass;
   if (!p.aligned) {
-    log_mass = st.mass > 0 ? std::log2(st.mass) : T(0);
+    log_mass = st.mass == 0 ? T(0) : std::log2(st.mass);  // NaN stays NaN
     if (st.a > 0) out = static_cast<T>(((static_cast<double>(m) - st.sum_tl * inv_a) + log_mass) * LN2);
   } else {
     log_mass = std::log2(st.mass);  // -inf without negatives: every positive then has p = 1

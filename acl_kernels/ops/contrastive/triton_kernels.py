@@ -233,7 +233,7 @@ def _fwd_kernel(
         loss = neg_log_p * inv_a
         r = r * inv_a
     else:
-        log_mass = tl.where(mass > 0, tl.log(mass), 0.0)
+        log_mass = tl.where(mass == 0, 0.0, tl.log(mass))  # a NaN mass stays NaN
         # m - mean positive logit in log2 units first, rounded as the sweep rounded the logits: the
         # loss of a row whose positives dominate is a small difference of large terms
         lead = (m2 - (alpha * inv_a) * (pos_s * k2)) * LN2
