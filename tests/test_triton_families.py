@@ -6,9 +6,9 @@ Ampere, Ada, datacenter Blackwell and consumer Blackwell here, and for Hopper in
 test_triton_sm90.py. CI compiles a representative subset (the default tiles at d = 128, bf16,
 both modes, forward and backward: about a minute per family on 2 cores); the whole matrix (every
 config of every width class and data type, centre kernels) is the `slow` test, run where
-ACL_KERNELS_COMPILE_MATRIX=1:
+ACL_KERNELS_LONG_TESTS=1:
 
-    ACL_KERNELS_COMPILE_MATRIX=1 python -m pytest -q -m slow tests/test_triton_families.py
+    ACL_KERNELS_LONG_TESTS=1 python -m pytest -q -m slow tests/test_triton_families.py
 """
 
 import itertools
@@ -113,7 +113,7 @@ def family_matrix(cap: int) -> list:
 
 @pytest.mark.slow
 @pytest.mark.sm90
-@pytest.mark.skipif(os.environ.get("ACL_KERNELS_COMPILE_MATRIX") != "1", reason="set ACL_KERNELS_COMPILE_MATRIX=1")
+@pytest.mark.skipif(os.environ.get("ACL_KERNELS_LONG_TESTS") != "1", reason="set ACL_KERNELS_LONG_TESTS=1")
 @pytest.mark.parametrize("cap", FAMILY_CAPS)
 def test_every_config_of_the_family_compiles(kernel_cost, cap):
     specs = family_matrix(cap)
