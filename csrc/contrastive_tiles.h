@@ -184,7 +184,7 @@ void row_finish(const Problem<T>& p, RowState<T>& st, const T* pos, T* loss, T* 
       rr += p.t_own / (std::exp2(lp) + st.mass);
     }
     out = static_cast<T>(nlp * inv_a);
-    r = static_cast<T>(rr * inv_a);
+    r = st.mass > 0 ? static_cast<T>(rr * inv_a) : T(0);  // R multiplies negatives only (none: may be inf)
   }
   *loss = out;
   stats[0] = m;

@@ -231,7 +231,9 @@ def _fwd_kernel(
             neg_log_p += tsum * _softplus(log_mass - lp)
             r += tsum / (tl.exp(lp) + mass)
         loss = neg_log_p * inv_a
-        r = r * inv_a
+        # without negatives R multiplies nothing; 1 / e^(l_p - m) could overflow to inf (l_p << 0) and
+        # the backward's exp2(-inf - log2 R) would be NaN
+        r = tl.where(mass > 0, r * inv_a, 0.0)
     else:
         log_mass = tl.where(mass == 0, 0.0, tl.log(mass))  # a NaN mass stays NaN
         # m - mean positive logit in log2 units first, rounded as the sweep rounded the logits: the
