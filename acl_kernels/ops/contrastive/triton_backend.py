@@ -269,8 +269,7 @@ def _backward_rows(srt: _Sorted, stats: Tensor, coef: Tensor, n_anchor: int, ali
                    k2: float, temperature: float) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(rowv [ROWV, M] fp32 per sorted row, scal [2] fp32 = (cbar, output scale), xcol [M + 1] int32 =
     the sorted positions of the extreme anchors first, their count last); no host synchronisation:
-    everything stays on the device. The launcher appends the running count of marked rows over its
-    output rows to xcol (_marked_running_count).
+    everything stays on the device.
 
     The one-exp form of the off-band tiles is decided per row tile: a row is extreme (ROW_X) where
     its factor F would underflow (c - cbar > EXP_HEADROOM) or where 2^(s k2 - cbar) could overflow
@@ -307,13 +306,6 @@ def _backward_rows(srt: _Sorted, stats: Tensor, coef: Tensor, n_anchor: int, ali
     xcol = torch.cat([order, column_extreme.sum().reshape(1)]).to(torch.int32)
     scal = torch.stack([cbar, 1.0 / (temperature * guard)]).float()
     return rowv.contiguous(), scal, xcol.contiguous()
-
-
-def _marked_running_count(rowv: Tensor, orow: Tensor) -> Tensor:
-    """[n_out + 1] int32: how many of the first k output rows are marked (ROW_X), k = 0 .. n_out; a
-    program tells whether its row tile has one from two entries."""
-    marked = rowv[K.ROW_X.value][orow[0].long()] > 0
-    return torch.nn.functional.pad(torch.cumsum(marked, 0), (1, 0)).to(torch.int32)
 
 
 def _centre_opts() -> dict:
@@ -370,7 +362,6 @@ def bwd(
             rows = torch.arange(n_out, device=dev) if out_rows is None else out_rows.to(dev)
             orow = _row_set(srt, rows)
             rowv, scal, xcol = _backward_rows(srt, stats, coef, n_anchor, aligned, zc.dtype, k2, temperature)
-            xcol = torch.cat([xcol, _marked_running_count(rowv, orow)])
             D = feature_block(dp)
             consts = sample_constexprs(zc.dtype, aligned, D, INTERPRET, torch.backends.cuda.matmul.allow_tf32)
             block_do = min(D, WHOLE_D_MAX)
@@ -492,8 +483,8 @@ def _sample_spec(kind: str, name: str, d: int, mode: str, centres: bool, tiles: 
                "orow_ptr": "*i32", "scal_ptr": "*fp32", "xcol_ptr": "*i32", "dz_ptr": t, "n_out": "i32", "M": "i32",
                "d": "i32", "k2": "fp32", "alpha": "fp32"}  # fmt: skip
         consts["BLOCK_DO"] = min(D, WHOLE_D_MAX)
-        # one-exp row tiles: the extreme anchors' column terms (none by default), then the lean loop
-        loops = [band, loop("extreme columns", 0.0), loop("off-band", "off-band"), loop("off-band two-exp", 0.0)]
+        # one-exp row tiles: the lean loop, then the extreme anchors' column terms (none by default)
+        loops = [band, loop("off-band", "off-band"), loop("extreme columns", 0.0), loop("off-band two-exp", 0.0)]
         kernel, multiplicity = K._bwd_kernel, triton.cdiv(D, consts["BLOCK_DO"])
     pointers = [i for i, ty in enumerate(sig.values()) if ty.startswith("*")]
     attrs = {(i,): _PTR for i in pointers} | {(list(sig).index("d"),): _PTR}  # d: a multiple of ROW_ALIGN

@@ -282,9 +282,8 @@ def _bwd_kernel(
     dl_ji needs only anchor j's statistics (rowv), so one sweep over the column tiles gives the whole
     gradient of the tile, from one similarity tile per pair. orow [2, n_out] int32: the rows' sorted
     positions (ascending) and their output rows in dz. scal [2] fp32: cbar (a shift shared by all
-    anchors) and the output scale 1 / (T * guard scale). xcol [M + 1 + n_out + 1] int32: the sorted
-    positions of the extreme anchors, their count, then the running count of marked rows (ROW_X)
-    over the output rows.
+    anchors) and the output scale 1 / (T * guard scale). xcol [M + 1] int32: the sorted positions
+    of the extreme anchors, then their count.
 
     Off-band, both terms are denominator terms of another label's column and share one exp:
     dl_ij + dl_ji = 2^(s k2 - cbar) (F_i W_j + W_i F_j), F = coef 2^(cbar - c), W = 2^b_other.
@@ -351,22 +350,7 @@ def _bwd_kernel(
         acc = _grad_product(zs_ptr, dl, b, acc, cols, cmask, d, do, UPCAST, PRECISION, D, BLOCK_K, INT64)
     n_band = t_hi - t_lo
     n_off = tl.cdiv(M, BLOCK_N) - n_band
-    # marked rows of this tile, from the running count over the output rows (two scalar loads)
-    first = tl.program_id(0) * BLOCK_M
-    marked = tl.load(xcol_ptr + M + 1 + tl.minimum(first + BLOCK_M, n_out)) - tl.load(xcol_ptr + M + 1 + first)
-    if marked == 0:  # one exp; first the extreme anchors as columns (off-band, usually none)
-        n_x = tl.load(xcol_ptr + M)
-        for t in range(0, tl.cdiv(n_x, BLOCK_N)):  # their own exp
-            k = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            cols = tl.load(xcol_ptr + k, mask=k < n_x, other=0)
-            cmask = (k < n_x) & ((cols < t_lo * BLOCK_N) | (cols >= t_hi * BLOCK_N))
-            c_c = tl.load(rowv_ptr + ROW_C * M + cols, mask=cmask, other=float("inf"))
-            co_c = tl.load(rowv_ptr + ROW_COEF * M + cols, mask=cmask, other=0.0)
-            s, b = _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST, PRECISION, D, BLOCK_K, BLOCK_M,
-                               BLOCK_N, INT64)  # fmt: skip
-            # W_i coef_j 2^(s k2 - c_j): W_i is live in this branch already (bo_r is not)
-            dl = w_r[:, None] * (co_c[None, :] * tl.math.exp2(s * k2 - c_c[None, :]))
-            acc = _grad_product(zs_ptr, dl, b, acc, cols, cmask, d, do, UPCAST, PRECISION, D, BLOCK_K, INT64)
+    if tl.max(tl.load(rowv_ptr + ROW_X * M + rows, mask=rmask, other=0.0), axis=0) == 0:  # one exp
         for t in range(0, n_off):
             cols = (t + n_band * (t >= t_lo).to(tl.int32)) * BLOCK_N + tl.arange(0, BLOCK_N)
             cmask = cols < M
@@ -376,6 +360,17 @@ def _bwd_kernel(
                                BLOCK_N, INT64)  # fmt: skip
             e = tl.math.exp2(s * k2 - cbar)
             dl = e * (f_r[:, None] * w_c[None, :] + w_r[:, None] * f_c[None, :])
+            acc = _grad_product(zs_ptr, dl, b, acc, cols, cmask, d, do, UPCAST, PRECISION, D, BLOCK_K, INT64)
+        n_x = tl.load(xcol_ptr + M)
+        for t in range(0, tl.cdiv(n_x, BLOCK_N)):  # extreme anchors as columns (off-band): their own exp
+            k = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols = tl.load(xcol_ptr + k, mask=k < n_x, other=0)
+            cmask = (k < n_x) & ((cols < t_lo * BLOCK_N) | (cols >= t_hi * BLOCK_N))
+            c_c = tl.load(rowv_ptr + ROW_C * M + cols, mask=cmask, other=float("inf"))
+            co_c = tl.load(rowv_ptr + ROW_COEF * M + cols, mask=cmask, other=0.0)
+            s, b = _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST, PRECISION, D, BLOCK_K, BLOCK_M,
+                               BLOCK_N, INT64)  # fmt: skip
+            dl = co_c[None, :] * tl.math.exp2(s * k2 + (bo_r[:, None] - c_c[None, :]))
             acc = _grad_product(zs_ptr, dl, b, acc, cols, cmask, d, do, UPCAST, PRECISION, D, BLOCK_K, INT64)
     else:  # off-band tiles, two exps (the shared one could overflow)
         for t in range(0, n_off):
