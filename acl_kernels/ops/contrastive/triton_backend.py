@@ -266,16 +266,9 @@ LOG2E = 1.4426950408889634
 
 
 def _backward_rows(srt: _Sorted, stats: Tensor, coef: Tensor, n_anchor: int, aligned: bool, dtype: torch.dtype,
-                   k2: float, temperature: float) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(rowv [ROWV, M] fp32 per sorted row, scal [2] fp32 = (cbar, output scale), xcol [M + 1] int32 =
-    the sorted positions of the extreme anchors first, their count last); no host synchronisation:
-    everything stays on the device.
-
-    The one-exp form of the off-band tiles is decided per row tile: a row is extreme (ROW_X) where
-    its factor F would underflow (c - cbar > EXP_HEADROOM) or where 2^(s k2 - cbar) could overflow
-    in its tiles (k2 |z_i| max|z| - cbar > EXP_HEADROOM); a row tile with one takes two exps. An
-    extreme anchor's F is 0, so the one-exp tiles add its column terms in a short loop of their own
-    over xcol."""
+                   k2: float, temperature: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(rowv [ROWV, M] fp32 per sorted row, scal [3] fp32 = (cbar, output scale, one-exp flag)); no
+    host synchronisation: everything stays on the device."""
     m, log_mass, inv_a, r = stats.unbind(1)
     coef = torch.where(inv_a > 0, coef, 0.0)
     if dtype == torch.float16:  # keep the fp16-rounded dl inside fp16's normal range
@@ -289,23 +282,20 @@ def _backward_rows(srt: _Sorted, stats: Tensor, coef: Tensor, n_anchor: int, ali
     finite = torch.isfinite(c)
     cbar = torch.where(finite, c, float("inf")).amin()
     cbar = torch.where(torch.isfinite(cbar), cbar, 0.0)
-    extreme = finite & (c - cbar > EXP_HEADROOM)
-    f = torch.where(extreme, 0.0, coef * torch.exp2(cbar - c))
+    spread = torch.where(finite, c - cbar, 0.0).amax()
+    n_max = srt.zs.float().norm(dim=1).amax()
+    one_exp = (spread <= EXP_HEADROOM) & (k2 * n_max * n_max - cbar <= EXP_HEADROOM)
+    f = coef * torch.exp2(cbar - c)
     m_rows = srt.zs.shape[0]
-    per_anchor = torch.stack([c, coef, m, log_mass, inv_a, f, extreme.float()])  # rows ROW_C .. ROW_X
+    per_anchor = torch.stack([c, coef, m, log_mass, inv_a, f])  # rows ROW_C .. ROW_F
     # rows that are not anchors: coef 0 and a shift m = +inf, so their dl is 0 * 2^-inf = 0, never
     # 0 * 2^(x - 0) = 0 * inf at small temperatures or for long rows
     inf = float("inf")
-    fill = torch.tensor([inf, 0, inf, 0, 0, 0, 0], device=c.device)[:, None].expand(-1, m_rows - n_anchor)
+    fill = torch.tensor([inf, 0, inf, 0, 0, 0], device=c.device)[:, None].expand(-1, m_rows - n_anchor)
     rowv = torch.cat([torch.cat([per_anchor, fill], 1)[:, srt.perm], torch.exp2(srt.bias[1:2])])
     assert rowv.shape[0] == K.ROWV
-    column_extreme = rowv[K.ROW_X.value] > 0
-    norms = srt.zs.float().norm(dim=1)
-    rowv[K.ROW_X.value] = (column_extreme | (k2 * norms * norms.amax() - cbar > EXP_HEADROOM)).float()
-    order = torch.argsort((~column_extreme).to(torch.int8), stable=True)
-    xcol = torch.cat([order, column_extreme.sum().reshape(1)]).to(torch.int32)
-    scal = torch.stack([cbar, 1.0 / (temperature * guard)]).float()
-    return rowv.contiguous(), scal, xcol.contiguous()
+    scal = torch.stack([cbar, 1.0 / (temperature * guard), one_exp.float()]).float()
+    return rowv.contiguous(), scal
 
 
 def _centre_opts() -> dict:
@@ -361,14 +351,14 @@ def bwd(
             dzp = dzc if dp == d else _empty((n_out, dp), z.dtype, dev)
             rows = torch.arange(n_out, device=dev) if out_rows is None else out_rows.to(dev)
             orow = _row_set(srt, rows)
-            rowv, scal, xcol = _backward_rows(srt, stats, coef, n_anchor, aligned, zc.dtype, k2, temperature)
+            rowv, scal = _backward_rows(srt, stats, coef, n_anchor, aligned, zc.dtype, k2, temperature)
             D = feature_block(dp)
             consts = sample_constexprs(zc.dtype, aligned, D, INTERPRET, torch.backends.cuda.matmul.allow_tf32)
             block_do = min(D, WHOLE_D_MAX)
             grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(dp, block_do))  # noqa: E731
             _launch(
                 K._bwd_kernel, "bwd", zc.dtype, D, grid,
-                (srt.zs, srt.y, srt.band, srt.bias, rowv, orow, scal, xcol, dzp, n_out, m_rows, dp, k2, alpha),
+                (srt.zs, srt.y, srt.band, srt.bias, rowv, orow, scal, dzp, n_out, m_rows, dp, k2, alpha),
                 dict(consts, BLOCK_DO=block_do, INT64=_int64(m_rows * dp)),
             )  # fmt: skip
             if dzp is not dzc:
@@ -480,14 +470,12 @@ def _sample_spec(kind: str, name: str, d: int, mode: str, centres: bool, tiles: 
         kernel, multiplicity = K._fwd_kernel, 1
     else:
         sig = {"zs_ptr": t, "y_ptr": "*i32", "band_ptr": "*i32", "bias_ptr": "*fp32", "rowv_ptr": "*fp32",
-               "orow_ptr": "*i32", "scal_ptr": "*fp32", "xcol_ptr": "*i32", "dz_ptr": t, "n_out": "i32", "M": "i32",
-               "d": "i32", "k2": "fp32", "alpha": "fp32"}  # fmt: skip
+               "orow_ptr": "*i32", "scal_ptr": "*fp32", "dz_ptr": t, "n_out": "i32", "M": "i32", "d": "i32",
+               "k2": "fp32", "alpha": "fp32"}  # fmt: skip
         consts["BLOCK_DO"] = min(D, WHOLE_D_MAX)
-        # one-exp row tiles: the lean loop, then the extreme anchors' column terms (none by default)
-        loops = [band, loop("off-band", "off-band"), loop("extreme columns", 0.0), loop("off-band two-exp", 0.0)]
+        loops = [band, loop("off-band", "off-band"), loop("off-band two-exp", 0.0)]
         kernel, multiplicity = K._bwd_kernel, triton.cdiv(D, consts["BLOCK_DO"])
-    pointers = [i for i, ty in enumerate(sig.values()) if ty.startswith("*")]
-    attrs = {(i,): _PTR for i in pointers} | {(list(sig).index("d"),): _PTR}  # d: a multiple of ROW_ALIGN
+    attrs = {(i,): _PTR for i in range(8)} | {(10,): _PTR}  # d: a multiple of ROW_ALIGN
     info = {"arch": arch, "kernel": kind, "mode": mode, "dtype": name, "d": d, "centres": centres,
             "block_m": tiles.block_m, "block_n": tiles.block_n, "grid_multiplicity": multiplicity, "loops": loops,
             "similarity_passes": gemm_passes(kind, mode, d)[0]}  # fmt: skip

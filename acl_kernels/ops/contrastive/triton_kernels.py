@@ -26,11 +26,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Rows of the backward's per-row vectors `rowv` [ROWV, M] (structure of arrays, sorted order):
 # c (log2 shift: dl of a denominator column = coef 2^(x - c); +inf off the anchors), coef (upstream
 # gradient x loss scale x the fp16 guard scale; 0 off the anchors and for anchors without a
-# target), m and lm (the stats' m and log_mass), 1/A, F = coef 2^(cbar - c) (0 for an extreme
-# anchor), X = 1 where the row needs the two-exp form, W = 2^bias_other.
+# target), m and lm (the stats' m and log_mass), 1/A, F = coef 2^(cbar - c), W = 2^bias_other.
 ROW_C, ROW_COEF, ROW_M, ROW_LM = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
-ROW_IA, ROW_F, ROW_X, ROW_W = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
-ROWV = 8
+ROW_IA, ROW_F, ROW_W = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6)
+ROWV = 7
 
 
 @triton.jit
@@ -258,7 +257,6 @@ def _bwd_kernel(
     rowv_ptr,
     orow_ptr,
     scal_ptr,
-    xcol_ptr,
     dz_ptr,
     n_out,
     M,
@@ -281,16 +279,13 @@ def _bwd_kernel(
 
     dl_ji needs only anchor j's statistics (rowv), so one sweep over the column tiles gives the whole
     gradient of the tile, from one similarity tile per pair. orow [2, n_out] int32: the rows' sorted
-    positions (ascending) and their output rows in dz. scal [2] fp32: cbar (a shift shared by all
-    anchors) and the output scale 1 / (T * guard scale). xcol [M + 1] int32: the sorted positions
-    of the extreme anchors, then their count.
+    positions (ascending) and their output rows in dz. scal [3] fp32: cbar (a shift shared by all
+    anchors), the output scale 1 / (T * guard scale), and whether the one-exp form is safe.
 
     Off-band, both terms are denominator terms of another label's column and share one exp:
     dl_ij + dl_ji = 2^(s k2 - cbar) (F_i W_j + W_i F_j), F = coef 2^(cbar - c), W = 2^b_other.
-    Per row tile: where a row is extreme (ROW_X: its F would underflow or the shared exp could
-    overflow; very small T, a large spread of centre logits) the tile takes two exps. The other
-    tiles keep one; an extreme anchor's F is 0 there and its column terms come from a loop over
-    the extreme columns only.
+    The launcher checks that 2^(s k2 - cbar) cannot overflow and F cannot underflow; otherwise
+    (very small T, a large spread of centre logits) the off-band tiles take two exps.
     """
     idx = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = idx < n_out
@@ -350,7 +345,7 @@ def _bwd_kernel(
         acc = _grad_product(zs_ptr, dl, b, acc, cols, cmask, d, do, UPCAST, PRECISION, D, BLOCK_K, INT64)
     n_band = t_hi - t_lo
     n_off = tl.cdiv(M, BLOCK_N) - n_band
-    if tl.max(tl.load(rowv_ptr + ROW_X * M + rows, mask=rmask, other=0.0), axis=0) == 0:  # one exp
+    if tl.load(scal_ptr + 2) > 0:  # off-band tiles, one exp
         for t in range(0, n_off):
             cols = (t + n_band * (t >= t_lo).to(tl.int32)) * BLOCK_N + tl.arange(0, BLOCK_N)
             cmask = cols < M
@@ -360,17 +355,6 @@ def _bwd_kernel(
                                BLOCK_N, INT64)  # fmt: skip
             e = tl.math.exp2(s * k2 - cbar)
             dl = e * (f_r[:, None] * w_c[None, :] + w_r[:, None] * f_c[None, :])
-            acc = _grad_product(zs_ptr, dl, b, acc, cols, cmask, d, do, UPCAST, PRECISION, D, BLOCK_K, INT64)
-        n_x = tl.load(xcol_ptr + M)
-        for t in range(0, tl.cdiv(n_x, BLOCK_N)):  # extreme anchors as columns (off-band): their own exp
-            k = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            cols = tl.load(xcol_ptr + k, mask=k < n_x, other=0)
-            cmask = (k < n_x) & ((cols < t_lo * BLOCK_N) | (cols >= t_hi * BLOCK_N))
-            c_c = tl.load(rowv_ptr + ROW_C * M + cols, mask=cmask, other=float("inf"))
-            co_c = tl.load(rowv_ptr + ROW_COEF * M + cols, mask=cmask, other=0.0)
-            s, b = _similarity(zs_ptr, a, rows, rmask, cols, cmask, d, UPCAST, PRECISION, D, BLOCK_K, BLOCK_M,
-                               BLOCK_N, INT64)  # fmt: skip
-            dl = co_c[None, :] * tl.math.exp2(s * k2 + (bo_r[:, None] - c_c[None, :]))
             acc = _grad_product(zs_ptr, dl, b, acc, cols, cmask, d, do, UPCAST, PRECISION, D, BLOCK_K, INT64)
     else:  # off-band tiles, two exps (the shared one could overflow)
         for t in range(0, n_off):
