@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from importlib import metadata
 
@@ -31,12 +30,22 @@ def report() -> list[str]:
     for name, backend in backends().items():
         status = "present" if backend.missing is None else f"MISSING: {backend.missing}"
         lines.append(f"  {name:<10} {WHERE[name]:<48} {status}")
-    native = sys.modules.get("acl_kernels._C")
-    if native is not None:
-        lines.append(f"native kernel: {native.__file__}; tile loops: {native.isa()} instruction set")
-    elif shutil.which("c++") is None and shutil.which("g++") is None:
-        lines.append("no C++ compiler on PATH: the install could not build the native kernel")
+    lines.append(native_line())
     return lines
+
+
+def native_line() -> str:
+    """How this install gets the native kernel: prebuilt, just in time (and whether built yet), or missing."""
+    from .ops.contrastive import jit, native
+
+    module = sys.modules.get("acl_kernels._C")
+    where = f"{module.__file__}; tile loops: {module.isa()} instruction set" if module is not None else ""
+    if native.HOW == "prebuilt":
+        return f"native kernel: prebuilt, {where}"
+    if native.HOW == "just-in-time":
+        state = f"built, {where}" if module is not None else "built on the first CPU use"
+        return f"native kernel: just-in-time (no prebuilt acl_kernels._C; {state}; cache {jit.cache_dir()})"
+    return f"native kernel: missing ({native.MISSING})"
 
 
 def main() -> None:

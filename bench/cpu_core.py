@@ -12,7 +12,10 @@ average of the machine when the size was measured is recorded with each row.
 
 Usage: python bench/cpu_core.py [--sizes 4096 16384] [--modes softmax aligned]
        [--reference-max 4096] (the reference needs O(N^2) memory: 11 GB at N = 16384 aligned)
-Rows are appended to bench/results/cpu_core.csv.
+       [--record | --csv PATH]
+The rows are printed as CSV (header first); --record appends them to the tracked
+bench/results/cpu_core.csv, --csv PATH to another file. The native kernel is left out (said on
+stderr) where this install lacks it.
 """
 
 import argparse
@@ -21,10 +24,12 @@ import datetime
 import os
 import platform
 import subprocess
+import sys
 
 import torch
 
 from acl_kernels.demo import _child
+from acl_kernels.dispatch import backends
 
 OUT = os.path.join(os.path.dirname(__file__), "results", "cpu_core.csv")
 HEADER = ["date", "git_sha", "device", "threads", "torch", "mode", "N", "d", "impl", "time_s", "peak_extra_mib",
@@ -54,47 +59,71 @@ def ratio(results: dict, impl: str, base: str, key: str) -> str:
     return f"{a[key] / max(b[key], 1):.4f}" if key == "peak_extra_bytes" else f"{a[key] / b[key]:.3f}"
 
 
-def main() -> None:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--modes", nargs="+", default=["softmax", "aligned"])
+    parser.add_argument("--modes", nargs="+", default=["softmax", "aligned"], choices=["softmax", "aligned"])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-max", type=int, default=4096, help="largest N the reference runs at")
-    args = parser.parse_args()
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--record", action="store_true", help="append the rows to bench/results/cpu_core.csv")
+    out.add_argument("--csv", help="append the rows to this CSV instead (default: print only)")
+    return parser.parse_args(argv)
+
+
+def open_csv(path: str | None) -> str | None:
+    """`path`, made ready for appending rows: the header written to a new file, checked in an
+    existing one (None: print only)."""
+    if path is None:
+        return None
+    if os.path.exists(path):
+        with open(path) as f:
+            if next(csv.reader(f), None) != HEADER:
+                raise SystemExit(f"{path}: not a cpu_core CSV (its header differs from {HEADER})")
+    else:
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerow(HEADER)
+    return path
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     device = platform.processor() or platform.machine()
-    try:  # the instruction set of the native kernel's tile loops (from 2026-11-26 on)
+    native = backends()["native"].missing is None
+    if native:  # the instruction set of the native kernel's tile loops (from 2026-11-26 on)
         from acl_kernels import _C
 
         device += f" native:{_C.isa()}"
-    except ImportError:
-        pass
-    if os.path.exists(OUT):
-        with open(OUT) as f:
-            assert next(csv.reader(f)) == HEADER, f"{OUT}: unexpected header"
     else:
-        with open(OUT, "w", newline="") as f:
-            csv.writer(f).writerow(HEADER)
+        print(f"native: left out, not in this install ({backends()['native'].missing})", file=sys.stderr)
+    path = open_csv(OUT if args.record else args.csv)
+    print(",".join(HEADER), flush=True)
     for mode in args.modes:
         for n in args.sizes:
-            impls = (["reference"] if n <= args.reference_max else []) + ["torch", "native"]
+            impls = (["reference"] if n <= args.reference_max else []) + ["torch"] + (["native"] if native else [])
             load = os.getloadavg()[0]
             results = measure(n, args.dim, mode, args.repeats, impls)
-            with open(OUT, "a", newline="") as f:
-                writer = csv.writer(f)
-                for impl, r in results.items():
-                    if "error" in r:
-                        print(f"{mode} N={n} {impl}: {r['error']}")
-                        continue
-                    row = [datetime.date.today().isoformat(), sha, device,
-                           torch.get_num_threads(), torch.__version__, mode, n, args.dim, impl,
-                           f"{r['time_s']:.4f}", f"{r['peak_extra_bytes'] / 2**20:.1f}",
-                           ratio(results, impl, "reference", "time_s"),
-                           ratio(results, impl, "reference", "peak_extra_bytes"),
-                           ratio(results, impl, "torch", "time_s"), f"{load:.1f}"]  # fmt: skip
-                    writer.writerow(row)
-                    print(", ".join(map(str, row)), flush=True)
+            rows = []
+            for impl, r in results.items():
+                if "error" in r:
+                    print(f"{mode} N={n} {impl}: {r['error']}", file=sys.stderr)
+                    continue
+                rows.append([datetime.date.today().isoformat(), sha, device,
+                             torch.get_num_threads(), torch.__version__, mode, n, args.dim, impl,
+                             f"{r['time_s']:.4f}", f"{r['peak_extra_bytes'] / 2**20:.1f}",
+                             ratio(results, impl, "reference", "time_s"),
+                             ratio(results, impl, "reference", "peak_extra_bytes"),
+                             ratio(results, impl, "torch", "time_s"), f"{load:.1f}"])  # fmt: skip
+            writer = csv.writer(sys.stdout)
+            writer.writerows(rows)
+            sys.stdout.flush()
+            if path is not None:
+                with open(path, "a", newline="") as f:
+                    csv.writer(f).writerows(rows)
+    if path is not None:
+        print(f"rows appended to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,31 @@
-"""Static cost report of the Triton kernels on Hopper (sm_90), without a GPU.
+"""Static cost report of the Triton kernels on every GPU family, without a GPU.
 
-Compiles every kernel specialisation the launchers produce for the shapes given (triton.compile for
-GPUTarget("cuda", 90, 32): the whole pipeline down to a cubin runs on CPU) and reads what the
-compiled code will cost:
+Compiles every kernel specialisation the launchers produce on a compute capability (`--arch`, 80
+A100 ... 120 RTX 5090; default 90) for the shapes given (triton.compile for GPUTarget("cuda", CAP,
+32) with that family's tile tables: the whole pipeline down to a cubin runs on CPU) and reads what
+the compiled code will cost:
 
-- registers, spill bytes (the ptxas -v log of the compilation), shared memory,
-  num_warps, num_stages, and whether the dots lower to wgmma (HGMMA in the SASS);
+- registers, spill bytes (the ptxas -v log of the compilation), shared memory, num_warps,
+  num_stages, and the tensor-core instructions the dots became (`mma`: HMMA = mma.sync on
+  Ampere, Ada and consumer Blackwell, HGMMA = wgmma on Hopper, UTCHMMA = tcgen05 on datacenter
+  Blackwell; `wgmma`: HGMMA present);
 - from the SASS (Triton's nvdisasm): each main loop is found as a backward branch; its body's
   instructions and MUFU ops (ex2, lg2, rcp, ...) per iteration, times the threads of the program,
   divided by the matrix elements one iteration covers, give the dynamic instructions and MUFU ops
   per matrix element (an inner loop counts `inner_trips` times);
 - how often the similarity tile is computed per element pair;
-- a roofline prediction for N anchors x N columns (default N = 65536) on one H100 SXM: the largest
-  of instruction issue, MUFU throughput and tensor-core time (constants printed with the table).
+- a roofline prediction for N anchors x N columns (default N = 65536) on one GPU of the family
+  (MACHINES: A100, L40S, H100, B200, RTX 5090): the largest of instruction issue, MUFU throughput
+  and tensor-core time (constants printed with the table), and for fwd+bwd its ratio to three
+  similarity-sized GEMM passes at the family's tensor rate (floor_ratio).
 
 These are predictions from compiled code, not GPU measurements; bench/gpu_check.sh measures.
 
 Rows (one per kernel and main loop, one "total" per kernel, one "fwd+bwd" per mode) go to
-bench/results/kernel_cost.csv under a tag; a run replaces the rows of its own tag only.
+bench/results/kernel_cost.csv under a tag; a run replaces the rows of its own tag and targets only.
 
-    python bench/kernel_cost.py --tag after          # the current kernels
+    python bench/kernel_cost.py --tag after          # the current kernels on sm_90
+    python bench/kernel_cost.py --arch 80 89 90 100 120 --dtypes bf16 --dims 128 --centres off --no-write
     python bench/kernel_cost.py --dtypes bf16 --dims 128 --modes softmax --no-write
     # the kernels of another commit (its package first on the path), e.g. the pre-v2 kernels:
     git worktree add /tmp/before 1117811
@@ -31,6 +37,8 @@ import concurrent.futures
 import contextlib
 import csv
 import datetime
+import importlib.util
+import inspect
 import io
 import math
 import multiprocessing
@@ -47,22 +55,52 @@ from triton.compiler import ASTSource
 
 from acl_kernels.ops.contrastive import triton_backend as tb
 
+try:
+    from acl_kernels.ops.contrastive import tiles
+except ImportError:  # a commit before the tables per family (--tag before): this checkout's families
+    _spec = importlib.util.spec_from_file_location(
+        "acl_tiles", os.path.join(os.path.dirname(__file__), os.pardir, "acl_kernels", "ops", "contrastive", "tiles.py")
+    )
+    tiles = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(tiles)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CSV = os.path.join(HERE, "results", "kernel_cost.csv")
-TARGET = GPUTarget("cuda", 90, 32)
 
-# One H100 SXM (DESIGN of the cost model: bench/NOTES.md, "Static cost report").
-SMS = 132
-CLOCK_HZ = 1.75e9
-WARP_ISSUES_PER_CLOCK = 4  # per SM: one per scheduler
-MUFU_PER_CLOCK = 16  # per SM, thread-level operations
-TENSOR_PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}  # dense; fp32: FMA units
-TENSOR_EFFICIENCY = 650.0 / 989.0  # a realistic share of the tensor-core peak for a fused GEMM
 
-FIELDS = ["tag", "git_sha", "date", "kernel", "mode", "dtype", "d", "centres", "loop", "block_m", "block_n",
-          "num_warps", "num_stages", "registers", "spill_bytes", "shared_bytes", "wgmma", "fraction",
-          "sass_per_element", "mufu_per_element", "similarity_passes", "gemm_passes", "issue_ms", "mufu_ms",
-          "tensor_ms", "predicted_ms", "n", "band_fraction"]  # fmt: skip
+@dataclass(frozen=True)
+class Machine:
+    """The roofline of one GPU of a family (sources: bench/NOTES.md, "Every GPU family")."""
+
+    name: str
+    arch: int
+    sms: int
+    clock_hz: float
+    tensor_tflops: dict  # dense peak per data type (fp32: FMA units); a type without a number is not modelled
+    warp_issues_per_clock: int = 4  # per SM: one per scheduler
+    mufu_per_clock: int = 16  # per SM, thread-level operations (ex2, lg2, rcp, ...)
+
+
+# One GPU per family: the one the README's predictions name.
+MACHINES = {
+    "ampere": Machine("A100 SXM4", 80, 108, 1.41e9, {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    "ada": Machine("L40S", 89, 142, 2.52e9, {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6}),
+    "hopper": Machine("H100 SXM", 90, 132, 1.75e9, {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    "blackwell": Machine("B200", 100, 148, 1.86e9, {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 80.0}),
+    "blackwell-consumer": Machine("RTX 5090", 120, 170, 2.407e9, {"bf16": 209.5, "fp16": 209.5}),
+}
+# A realistic share of the tensor-core peak for a fused GEMM (650 of H100's 989 TFLOP/s), every family.
+TENSOR_EFFICIENCY = 650.0 / 989.0
+
+
+def machine(arch: int) -> Machine:
+    return MACHINES[tiles.family_of(arch)]
+
+
+FIELDS = ["tag", "git_sha", "date", "arch", "gpu", "mma", "kernel", "mode", "dtype", "d", "centres", "loop",
+          "block_m", "block_n", "num_warps", "num_stages", "registers", "spill_bytes", "shared_bytes", "wgmma",
+          "fraction", "sass_per_element", "mufu_per_element", "similarity_passes", "gemm_passes", "issue_ms",
+          "mufu_ms", "tensor_ms", "predicted_ms", "floor_ms", "floor_ratio", "n", "band_fraction"]  # fmt: skip
 
 
 @dataclass
@@ -82,6 +120,17 @@ class Compiled:
     def wgmma(self) -> bool:
         return "HGMMA" in self.sass
 
+    @property
+    def mma(self) -> str:
+        """The tensor-core instructions the dots became (SASS opcodes, e.g. HMMA, HGMMA, UTCHMMA)."""
+        found = {m.group(3).split(".")[0] for m in _INSTR.finditer(self.sass)}
+        return " ".join(sorted(op for op in found if op in TENSOR_OPCODES))
+
+
+# SASS opcodes of tensor-core MMAs: mma.sync (Ampere, Ada, consumer Blackwell), wgmma (Hopper),
+# tcgen05.mma (datacenter Blackwell).
+TENSOR_OPCODES = {"HMMA", "HGMMA", "UTCHMMA", "UTCQMMA", "UTCMMA", "UTCOMMA"}
+
 
 def _tool(name: str) -> str:
     return getattr(triton.knobs.nvidia, name).path
@@ -96,16 +145,18 @@ def describe(spec) -> str:
 
 
 def compile_spec(spec, sass: bool = True) -> Compiled:
-    """Compile one Spec for sm_90 and read its resources: registers and spills from the ptxas -v
-    log of this very compilation (so it always compiles, the Triton cache is bypassed), shared
-    memory from the metadata, the SASS (when `sass`) from nvdisasm on the cubin."""
+    """Compile one Spec for its target (spec.info["arch"], default sm_90) and read its resources:
+    registers and spills from the ptxas -v log of this very compilation (so it always compiles, the
+    Triton cache is bypassed), shared memory from the metadata, the SASS (when `sass`) from nvdisasm
+    on the cubin."""
     signature = dict(spec.signature) | {name: "constexpr" for name in spec.constexprs}
     src = ASTSource(spec.kernel, signature, spec.constexprs, spec.attrs)
     log = io.StringIO()
     with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), contextlib.redirect_stdout(log):
         triton.knobs.nvidia.dump_ptxas_log = True
         triton.knobs.compilation.always_compile = True
-        compiled = triton.compile(src, target=TARGET, options=spec.options)
+        target = GPUTarget("cuda", spec.info.get("arch", 90), 32)
+        compiled = triton.compile(src, target=target, options=spec.options)
     cubin = compiled.asm.get("cubin") or b""
     text = ""
     if sass and cubin:
@@ -175,9 +226,11 @@ class Loop:
 
 def sass_loops(sass: str) -> list[Loop]:
     """The outermost loops of a kernel's SASS in address order, each with its nested loops: a loop
-    is the range from a label to the last backward branch to it (the trap loop after EXIT, a branch
-    to itself, is no loop)."""
-    opcodes, labels, branches = [], {}, []
+    is the range from a label to the last backward branch to it. Branches placed after the last
+    EXIT are out-of-line blocks, not loops of the body: the trap (a branch to itself) and, in
+    tcgen05 code (sm_100), the retry stubs of mbarrier waits that jump back into the loop they
+    left. Wait loops inside the body (_spin) are left out too."""
+    opcodes, labels, branches, last_exit = [], {}, [], 0
     for line in sass.splitlines():
         label = _LABEL.match(line.strip())
         if label:
@@ -190,12 +243,15 @@ def sass_loops(sass: str) -> list[Loop]:
         target = _TARGET.search(instr.group(4))
         if opcode.startswith(("BRA", "JMP")) and target:
             branches.append((len(opcodes), target.group(1)))
+        if opcode == "EXIT":
+            last_exit = len(opcodes)
         opcodes.append(opcode)
     ranges = {}
     for at, name in branches:
         start = labels.get(name)
-        if start is not None and start < at:
+        if start is not None and start < at < last_exit:
             ranges[start] = max(ranges.get(start, at), at)
+    ranges = {a: b for a, b in ranges.items() if not _spin(opcodes[a : b + 1])}
     spans = sorted(ranges.items(), key=lambda r: (r[0], -r[1]))
 
     def build(lo: int, hi: int) -> list[Loop]:
@@ -211,6 +267,15 @@ def sass_loops(sass: str) -> list[Loop]:
         return out
 
     return build(0, len(opcodes))
+
+
+def _spin(ops: list[str]) -> bool:
+    """No loop of the kernel: a few instructions around an mbarrier try-wait, a sleep or a TMEM
+    allocation retry, or the elect-one-lane issue of a tcgen05 MMA (ELECT ... BRA.U.ANY: it runs
+    once per distinct operand value among the lanes, once where they agree)."""
+    if len(ops) <= 8 and any(op.startswith(("SYNCS", "NANOSLEEP", "UTCATOMSWS")) for op in ops):
+        return True
+    return len(ops) <= 12 and "ELECT" in ops and ops[-1] == "BRA.U.ANY"
 
 
 def loop_dynamic(loop: Loop, inner_trips: float) -> tuple[float, float]:
@@ -281,26 +346,37 @@ class _Spec:  # the fields of triton_backend.Spec, for commits that lack it
     info: dict
 
 
-def select_specs(dtypes, dims, modes, centres, all_tiles=False) -> list:
+def select_specs(dtypes, dims, modes, centres, all_tiles=False, arch: int = 90) -> list:
+    """The launchers' specialisations on `arch`: commits before the tile tables per family know
+    sm_90 only (their specialisations() takes no arch), commits before Spec none of the tables."""
     if not hasattr(tb, "Spec"):
-        return list(_before_specs(dtypes, dims, modes, centres))
-    return list(tb.specialisations(dtypes=dtypes, dims=dims, modes=modes, centres=centres, all_tiles=all_tiles))
+        specs = list(_before_specs(dtypes, dims, modes, centres))
+    elif "arch" in inspect.signature(tb.specialisations).parameters:
+        return list(tb.specialisations(dtypes=dtypes, dims=dims, modes=modes, centres=centres, all_tiles=all_tiles,
+                                       arch=arch))  # fmt: skip
+    else:
+        specs = list(tb.specialisations(dtypes=dtypes, dims=dims, modes=modes, centres=centres, all_tiles=all_tiles))
+    for spec in specs:  # the sm_90 tables of an older commit, compiled for `arch`
+        spec.info["arch"] = arch
+    return specs
 
 
 # ---- the roofline -----------------------------------------------------------------------------------
 
 
-def element_ms(n: int) -> tuple[float, float]:
-    """(ms per thread-instruction per element, ms per MUFU op per element) over an n x n matrix."""
+def element_ms(n: int, arch: int = 90) -> tuple[float, float]:
+    """(ms per thread-instruction per element, ms per MUFU op per element) over an n x n matrix on
+    the family of `arch`."""
+    m = machine(arch)
     pairs = float(n) * n
-    issue = pairs / (SMS * CLOCK_HZ * WARP_ISSUES_PER_CLOCK * 32) * 1e3
-    mufu = pairs / (SMS * CLOCK_HZ * MUFU_PER_CLOCK) * 1e3
+    issue = pairs / (m.sms * m.clock_hz * m.warp_issues_per_clock * 32) * 1e3
+    mufu = pairs / (m.sms * m.clock_hz * m.mufu_per_clock) * 1e3
     return issue, mufu
 
 
-def gemm_pass_ms(n: int, d: int, dtype: str) -> float:
-    """One similarity-sized GEMM pass (2 n^2 d FLOPs) at the realistic tensor-core rate."""
-    return 2.0 * n * n * d / (TENSOR_PEAK_TFLOPS[dtype] * TENSOR_EFFICIENCY * 1e12) * 1e3
+def gemm_pass_ms(n: int, d: int, dtype: str, arch: int = 90) -> float:
+    """One similarity-sized GEMM pass (2 n^2 d FLOPs) at the realistic tensor-core rate of `arch`."""
+    return 2.0 * n * n * d / (machine(arch).tensor_tflops[dtype] * TENSOR_EFFICIENCY * 1e12) * 1e3
 
 
 def _fraction(value, band_fraction: float) -> float:
@@ -319,10 +395,11 @@ def kernel_rows(spec, res: Compiled, n: int, band_fraction: float, classes: int)
     if info["loops"] and len(found) != len(loops_info):
         raise RuntimeError(f"{describe(spec)}: the SASS has {len(found)} outer loops, the spec describes "
                            f"{len(loops_info)} ({[lp['label'] for lp in loops_info]})")  # fmt: skip
-    issue_ms, mufu_ms = element_ms(n)
+    arch = info.get("arch", 90)
+    issue_ms, mufu_ms = element_ms(n, arch)
     d = info["d"]
     gemm = info.get("gemm") or (tb.gemm_passes(info["kernel"], info["mode"], d, band_fraction) if d else (0.0, 0.0))
-    pass_ms = gemm_pass_ms(n, d, info["dtype"]) if d else 0.0
+    pass_ms = gemm_pass_ms(n, d, info["dtype"], arch) if d else 0.0
     multiplicity = info["grid_multiplicity"]
     # the centre kernels sweep an N x C matrix: their share of the N x N element pairs is C / N
     scale = 1.0 if d else classes / n
@@ -331,8 +408,9 @@ def kernel_rows(spec, res: Compiled, n: int, band_fraction: float, classes: int)
     # passes are spread over the loops like the pairs
     grad_passes = gemm[1] / sum(fractions) if gemm[1] else 0.0
     kernel = info["kernel"] + (" prior" if spec.constexprs.get("HAS_PRIOR") else "")
-    base = {"kernel": kernel, "mode": info["mode"], "dtype": info["dtype"], "d": d if d else "",
-            "centres": info["centres"], "block_m": info["block_m"], "block_n": info["block_n"],
+    base = {"arch": arch, "gpu": machine(arch).name, "mma": res.mma, "kernel": kernel, "mode": info["mode"],
+            "dtype": info["dtype"], "d": d if d else "", "centres": info["centres"], "block_m": info["block_m"],
+            "block_n": info["block_n"],
             "num_warps": res.num_warps, "num_stages": res.num_stages, "registers": res.registers,
             "spill_bytes": res.spill_bytes, "shared_bytes": res.shared_bytes, "wgmma": res.wgmma, "n": n,
             "band_fraction": band_fraction}  # fmt: skip
@@ -363,33 +441,34 @@ def kernel_rows(spec, res: Compiled, n: int, band_fraction: float, classes: int)
 
 
 def step_rows(totals: list[dict]) -> list[dict]:
-    """fwd+bwd per (mode, dtype, d, centres): the sample kernels' totals (default tiles), plus the
-    first compiled centre forward and backward of that mode and data type when centres are on
-    (without the prior; tf32 has none: its centre kernels are fp32's)."""
+    """fwd+bwd per (arch, mode, dtype, d, centres): the sample kernels' totals (default tiles), plus
+    the first compiled centre forward and backward of that mode and data type when centres are on
+    (without the prior; tf32 has none: its centre kernels are fp32's). floor_ms: three similarity-sized
+    GEMM passes (forward similarity, backward similarity and gradient product) at the family's
+    realistic tensor rate; floor_ratio = predicted / floor."""
     out = []
     for fwd in (r for r in totals if r["kernel"] == "fwd"):
-        key = (fwd["mode"], fwd["dtype"])
-        bwd = [r for r in totals if r["kernel"] == "bwd" and (r["mode"], r["dtype"], r["d"]) == key + (fwd["d"],)]
-        if not bwd or (fwd["block_m"], fwd["block_n"]) != _first_tiles(totals, fwd):
+        key = (fwd.get("arch", 90), fwd["mode"], fwd["dtype"])
+        same = [r for r in totals if (r.get("arch", 90), r["mode"], r["dtype"]) == key]
+        bwd = [r for r in same if r["kernel"] == "bwd" and r["d"] == fwd["d"]]
+        first = next(r for r in same if r["kernel"] == "fwd" and r["d"] == fwd["d"])
+        if not bwd or (fwd["block_m"], fwd["block_n"]) != (first["block_m"], first["block_n"]):
             continue
         parts = [fwd, bwd[0]]
         if fwd["centres"]:
             for kind in ("centre_fwd", "centre_bwd"):
-                parts += [r for r in totals if (r["kernel"], r["mode"], r["dtype"]) == (kind,) + key][:1]
-        row = {k: "" for k in FIELDS} | {k: fwd[k] for k in ("mode", "dtype", "d", "centres", "n", "band_fraction")}
+                parts += [r for r in same if r["kernel"] == kind][:1]
+        shared = ("arch", "gpu", "mode", "dtype", "d", "centres", "n", "band_fraction")
+        row = {k: "" for k in FIELDS} | {k: fwd.get(k, "") for k in shared}
         row |= {"kernel": "fwd+bwd", "loop": "total"}
         for k in ("sass_per_element", "mufu_per_element", "similarity_passes", "gemm_passes", "issue_ms",
                   "mufu_ms", "tensor_ms", "predicted_ms"):  # fmt: skip
             row[k] = sum(float(p[k] or 0.0) for p in parts)
         row["spill_bytes"] = sum(p["spill_bytes"] for p in parts)
+        row["floor_ms"] = 3 * gemm_pass_ms(fwd["n"], fwd["d"], fwd["dtype"], key[0])
+        row["floor_ratio"] = row["predicted_ms"] / row["floor_ms"]
         out.append(row)
     return out
-
-
-def _first_tiles(totals, fwd):
-    same = [r for r in totals if r["kernel"] == "fwd" and (r["mode"], r["dtype"], r["d"]) == (fwd["mode"],
-            fwd["dtype"], fwd["d"])]  # fmt: skip
-    return same[0]["block_m"], same[0]["block_n"]
 
 
 # ---- the command line -------------------------------------------------------------------------------
@@ -404,11 +483,13 @@ def git_sha() -> str:
 
 
 def write_csv(path: str, tag: str, rows: list[dict]) -> None:
-    """Replace the rows of `tag` in `path` (other tags' rows stay)."""
+    """Replace the rows of `tag` for the targets in `rows` in `path` (other tags' and other targets'
+    rows stay; rows without a target are sm_90's)."""
+    arches = {str(r.get("arch") or 90) for r in rows}
     kept = []
     if os.path.exists(path):
         with open(path, newline="") as f:
-            kept = [r for r in csv.DictReader(f) if r.get("tag") != tag]
+            kept = [r for r in csv.DictReader(f) if r.get("tag") != tag or (r.get("arch") or "90") not in arches]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -422,13 +503,13 @@ def _fmt(v):
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = [("kernel", 22), ("mode", 8), ("dtype", 5), ("d", 4), ("centres", 7), ("loop", 16), ("block_m", 4),
-            ("block_n", 4), ("num_warps", 3), ("num_stages", 3), ("registers", 4), ("spill_bytes", 6),
-            ("shared_bytes", 7), ("wgmma", 5), ("sass_per_element", 7), ("mufu_per_element", 6),
-            ("similarity_passes", 5), ("predicted_ms", 8)]  # fmt: skip
+    cols = [("arch", 4), ("kernel", 22), ("mode", 8), ("dtype", 5), ("d", 4), ("centres", 7), ("loop", 16),
+            ("block_m", 4), ("block_n", 4), ("num_warps", 3), ("num_stages", 3), ("registers", 4), ("spill_bytes", 6),
+            ("shared_bytes", 7), ("mma", 7), ("sass_per_element", 7), ("mufu_per_element", 6),
+            ("similarity_passes", 5), ("predicted_ms", 8), ("floor_ratio", 5)]  # fmt: skip
     heads = {"block_m": "bm", "block_n": "bn", "num_warps": "w", "num_stages": "st", "registers": "reg",
              "spill_bytes": "spill", "shared_bytes": "smem", "sass_per_element": "SASS/e", "mufu_per_element": "MUFU/e",
-             "similarity_passes": "sim", "predicted_ms": "ms"}  # fmt: skip
+             "similarity_passes": "sim", "predicted_ms": "ms", "floor_ratio": "/floor"}  # fmt: skip
     print("  ".join(f"{heads.get(c, c):>{w}}" for c, w in cols))
     for r in rows:
         print("  ".join(f"{_short(r.get(c, '')):>{w}}" for c, w in cols))
@@ -440,16 +521,20 @@ def _short(v) -> str:
     return str(v)
 
 
-def constants_text(n: int, d_values, dtypes) -> str:
-    issue, mufu = element_ms(n)
-    lines = [
-        f"H100 SXM model: {SMS} SMs, {CLOCK_HZ / 1e9:.2f} GHz, {WARP_ISSUES_PER_CLOCK} warp-issues/clock/SM, "
-        f"{MUFU_PER_CLOCK} MUFU ops/clock/SM; tensor peak {TENSOR_PEAK_TFLOPS} TFLOP/s x {TENSOR_EFFICIENCY:.3f}",
-        f"N = {n}: 1 SASS instruction per element = {issue:.4f} ms, 1 MUFU op per element = {mufu:.3f} ms",
-    ]
-    for dt in dtypes:
-        for d in d_values:
-            lines.append(f"one similarity-sized GEMM pass, {dt} d = {d}: {gemm_pass_ms(n, d, dt):.3f} ms")
+def constants_text(n: int, d_values, dtypes, arches=(90,)) -> str:
+    lines = []
+    for arch in arches:
+        m = machine(arch)
+        issue, mufu = element_ms(n, arch)
+        lines += [
+            f"sm_{arch} ({tiles.family_of(arch)}), modelled as one {m.name}: {m.sms} SMs, {m.clock_hz / 1e9:.3g} GHz, "
+            f"{m.warp_issues_per_clock} warp-issues/clock/SM, {m.mufu_per_clock} MUFU ops/clock/SM; dense tensor peak "
+            f"{m.tensor_tflops} TFLOP/s x {TENSOR_EFFICIENCY:.3f}",
+            f"  N = {n}: 1 SASS instruction per element = {issue:.4f} ms, 1 MUFU op per element = {mufu:.3f} ms",
+        ]
+        for dt in (dt for dt in dtypes if dt in m.tensor_tflops):
+            for d in d_values:
+                lines.append(f"  one similarity-sized GEMM pass, {dt} d = {d}: {gemm_pass_ms(n, d, dt, arch):.3f} ms")
     lines.append("predicted ms = max(issue, MUFU, tensor) per kernel: predictions from compiled code, not measurements")
     return "\n".join(lines)
 
@@ -463,6 +548,14 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=["softmax", "aligned"], choices=["softmax", "aligned"])
     p.add_argument("--centres", nargs="+", default=["off", "on"], choices=["off", "on"],
                    help="forward without / with the centre block (default: both)")  # fmt: skip
+    p.add_argument(
+        "--arch",
+        nargs="+",
+        type=int,
+        default=[90],
+        help="compute capabilities to compile for, each with its family's tile tables and roofline "
+        "(80 A100, 86, 87, 89 L40S/RTX 4090, 90 H100, 100/103 B200, 120/121 RTX 5090; default 90)",
+    )
     p.add_argument("--all-tiles", action="store_true", help="every autotune config, not only the default tiles")
     p.add_argument("--n", type=int, default=65536, help="N of the prediction: N anchors x N columns (default 65536)")
     p.add_argument("--band-fraction", type=float, default=0.02,
@@ -476,6 +569,8 @@ def parse_args(argv=None):
         p.error(f"--dims: feature widths must be positive integers, got {args.dims}")
     if not 0.0 <= args.band_fraction <= 1.0:
         p.error(f"--band-fraction: expected a share in [0, 1], got {args.band_fraction}")
+    if any(a <= 0 for a in args.arch):
+        p.error(f"--arch: expected compute capabilities such as 80 or 120, got {args.arch}")
     if args.n <= 0 or args.classes <= 0 or args.jobs <= 0:
         p.error("--n, --classes and --jobs must be positive integers")
     return args
@@ -483,7 +578,13 @@ def parse_args(argv=None):
 
 def report(args) -> list[dict]:
     centres = tuple(c == "on" for c in args.centres)
-    specs = select_specs(tuple(args.dtypes), tuple(args.dims), tuple(args.modes), centres, args.all_tiles)
+    specs, skipped = [], []
+    for arch in args.arch:
+        dtypes = tuple(dt for dt in args.dtypes if dt in machine(arch).tensor_tflops)
+        skipped += [f"sm_{arch} {dt}" for dt in args.dtypes if dt not in dtypes]
+        specs += select_specs(dtypes, tuple(args.dims), tuple(args.modes), centres, args.all_tiles, arch)
+    if skipped:
+        print(f"no tensor peak recorded for {', '.join(skipped)}: not modelled", file=sys.stderr)
     if not specs:
         raise SystemExit("no kernel specialisation matches these --dtypes / --dims / --modes / --centres")
     rows, totals, failures = [], [], []
@@ -506,7 +607,7 @@ def report(args) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = report(args)
-    print(constants_text(args.n, args.dims, args.dtypes))
+    print(constants_text(args.n, args.dims, args.dtypes, args.arch))
     print_table(rows)
     if not args.no_write:
         write_csv(args.csv, args.tag, rows)

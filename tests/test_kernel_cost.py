@@ -56,6 +56,44 @@ def test_write_csv_replaces_only_its_own_tag(kernel_cost, tmp_path):
     assert rows == [("before", "fwd", "60"), ("after", "bwd", "12.5")]
 
 
+def test_write_csv_replaces_only_the_targets_it_reports(kernel_cost, tmp_path):
+    path = str(tmp_path / "cost.csv")
+    kernel_cost.write_csv(path, "after", [{"kernel": "fwd", "sass_per_element": 11.0}])  # sm_90 by default
+    kernel_cost.write_csv(path, "after", [{"arch": 80, "kernel": "fwd", "sass_per_element": 10.4}])
+    kernel_cost.write_csv(path, "after", [{"arch": 80, "kernel": "bwd", "sass_per_element": 15.9}])
+    with open(path, newline="") as f:
+        rows = [(r["arch"], r["kernel"]) for r in csv.DictReader(f)]
+    assert rows == [("", "fwd"), ("80", "bwd")]
+
+
+def test_sass_loops_skip_out_of_line_wait_stubs_and_spin_loops(kernel_cost):
+    """tcgen05 code (sm_100): a TMEM allocation retry loop, the elect-one-lane issue of an MMA, and
+    mbarrier retry stubs after EXIT that jump back into the loop they left, are no loops of the
+    kernel body."""
+    sass = """
+.L_x_0:
+        /*0000*/                   NANOSLEEP 0x1 ;
+        /*0010*/                   UTCATOMSWS.FIND_AND_SET.ALIGN UP0, UR4, UR4 ;
+        /*0020*/              @!UP0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0030*/                   MUFU.EX2 R3, R4 ;
+.L_x_5:
+        /*0034*/                   ELECT P3, URZ, PT ;
+        /*0038*/                   UTCHMMA gdesc[UR30], gdesc[UR28], tmem[UR60], tmem[UR32], idesc[UR33], !UPT ;
+        /*003c*/                   BRA.U.ANY `(.L_x_5) ;
+.L_x_2:
+        /*0040*/              @!P2 BRA `(.L_x_9) ;
+        /*0050*/                   FADD R5, R5, R3 ;
+        /*0060*/               @P1 BRA `(.L_x_1) ;
+        /*0070*/                   EXIT ;
+.L_x_9:
+        /*0080*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P2, [UR8], R2 ;
+        /*0090*/                   BRA `(.L_x_2) ;
+"""
+    (loop,) = kernel_cost.sass_loops(sass)
+    assert (loop.instructions, loop.mufu, loop.inner) == (7, 1, [])
+
+
 def test_report_on_a_tiny_set_writes_a_complete_csv(kernel_cost, tmp_path):
     path = tmp_path / "kernel_cost.csv"
     args = ["--dtypes", "bf16", "--dims", "128", "--modes", "softmax", "--centres", "off", "--tag", "test"]
@@ -92,3 +130,24 @@ def test_report_on_a_tiny_set_writes_a_complete_csv(kernel_cost, tmp_path):
     total = by[("fwd+bwd", "total")]
     parts = float(by[("fwd", "total")]["predicted_ms"]) + float(by[("bwd", "total")]["predicted_ms"])
     assert float(total["predicted_ms"]) == pytest.approx(parts, rel=1e-3)
+    assert float(total["floor_ratio"]) == pytest.approx(float(total["predicted_ms"]) / float(total["floor_ms"]))
+
+
+def test_report_for_another_family_uses_its_tables_and_roofline(kernel_cost, tmp_path):
+    """--arch 120: the consumer-Blackwell tile tables, mma.sync (HMMA) dots, one RTX 5090's roofline."""
+    path = tmp_path / "kernel_cost.csv"
+    args = ["--arch", "120", "--dtypes", "bf16", "--dims", "128", "--modes", "softmax", "--centres", "off"]
+    assert kernel_cost.main(args + ["--tag", "test", "--csv", str(path)]) == 0
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    from acl_kernels.ops.contrastive import triton_backend as tb
+
+    fwd_tiles = tb.tile_set("fwd", tb.DTYPE_NAMES["bf16"][0], 128, 120)[0]
+    for r in rows:
+        assert (r["arch"], r["gpu"]) == ("120", "RTX 5090")
+        if r["kernel"] == "fwd":
+            assert (int(r["block_m"]), int(r["block_n"])) == fwd_tiles[:2]
+        if r["kernel"] in ("fwd", "bwd"):
+            assert r["mma"] == "HMMA" and r["wgmma"] == "False"
+    issue_ms, _ = kernel_cost.element_ms(65536, 120)
+    assert issue_ms == pytest.approx(65536.0**2 / (170 * 2.407e9 * 4 * 32) * 1e3)

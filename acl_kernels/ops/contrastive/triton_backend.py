@@ -23,6 +23,7 @@ from . import op
 from . import triton_kernels as K
 from .op import contrastive_bwd, contrastive_fwd, register_kernels
 from .problem import LossProblem
+from .tiles import TILES, Tiles, family_of
 
 # True when the kernels were built by the interpreter (decided when triton_kernels was imported).
 INTERPRET = not isinstance(K._fwd_kernel, triton.runtime.JITFunction)
@@ -40,46 +41,18 @@ EXP_HEADROOM = 100.0
 FP16_GUARD = 8
 
 
-class Tiles(NamedTuple):
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
+def device_arch(device=None) -> int:
+    """Compute capability of a CUDA device as major * 10 + minor (80, 90, 120, ...)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
-# Per kernel, element size (2: bf16/fp16, 4: fp32/tf32) and feature-width class: the first entry is
-# the default, the rest the autotune set. Forward: whole-d tiles up to D = 256 (the anchor tile stays
-# in shared memory for the program); backward: a [BLOCK_M, D] fp32 accumulator, so narrower row tiles
-# at D = 256 and beyond, and 8 warps where 4 would spill it (ptxas). 4-byte data: smaller tiles or
-# fewer stages, so that every config fits the 227 KiB of shared memory one H100 block may use (the
-# sm90 compile test checks each one).
-TILES = {
-    ("fwd", 2): {
-        128: [Tiles(128, 128, 8, 3), Tiles(128, 64, 8, 3), Tiles(64, 128, 8, 3)],
-        256: [Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 3), Tiles(128, 128, 8, 1)],
-        512: [Tiles(128, 64, 8, 3), Tiles(64, 128, 8, 3)],
-    },
-    ("bwd", 2): {
-        128: [Tiles(128, 64, 8, 3), Tiles(64, 64, 8, 3), Tiles(128, 32, 8, 3)],
-        256: [Tiles(64, 32, 8, 3), Tiles(32, 64, 4, 3), Tiles(64, 32, 8, 2)],
-        512: [Tiles(64, 32, 8, 3), Tiles(64, 64, 8, 2), Tiles(64, 32, 8, 2)],
-    },
-    ("fwd", 4): {
-        128: [Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 3), Tiles(128, 32, 8, 3)],
-        256: [Tiles(64, 64, 4, 2), Tiles(64, 32, 4, 3)],
-        512: [Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 3)],
-    },
-    ("bwd", 4): {
-        128: [Tiles(64, 64, 4, 3), Tiles(128, 32, 8, 3), Tiles(64, 32, 4, 3)],
-        256: [Tiles(64, 32, 8, 2), Tiles(32, 64, 4, 2)],
-        512: [Tiles(64, 32, 4, 2), Tiles(32, 32, 4, 3)],
-    },
-}
-
-
-def tile_set(kind: str, dtype: torch.dtype, D: int) -> list[Tiles]:
-    """The tile configs of sample kernel `kind` ("fwd"/"bwd") for data of `dtype` and width D."""
-    return TILES[kind, dtype.itemsize][width_class(D)]
+def tile_set(kind: str, dtype: torch.dtype, D: int, arch: int | None = None) -> list[Tiles]:
+    """The tile configs of sample kernel `kind` ("fwd"/"bwd") for data of `dtype` and width D on
+    compute capability `arch` (default: the current CUDA device): the default first, then the
+    autotune alternatives."""
+    family = family_of(device_arch() if arch is None else arch)
+    return TILES[family][kind, dtype.itemsize][width_class(D)]
 
 
 # Under the interpreter: one small config, so that the tests' small batches span several tiles.
@@ -219,14 +192,14 @@ def _launch(kernel, kind: str, dtype: torch.dtype, D: int, grid, args: tuple, co
         meta = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}
         kernel[grid(meta)](*args, **consts, **meta)
         return
-    _tuned(kernel, kind, dtype, D)[grid](*args, **consts)
+    _tuned(kernel, kind, dtype, D, device_arch())[grid](*args, **consts)
 
 
 @functools.cache
-def _tuned(kernel, kind: str, dtype: torch.dtype, D: int):
+def _tuned(kernel, kind: str, dtype: torch.dtype, D: int, arch: int):
     configs = [
         triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps, num_stages=t.num_stages)
-        for t in tile_set(kind, dtype, D)
+        for t in tile_set(kind, dtype, D, arch)
     ]
     return triton.autotune(configs=configs, key=["D", "ALIGNED", "PRECISION", "INT64"])(kernel)
 
@@ -473,7 +446,7 @@ class Spec(NamedTuple):
     info: dict  # kernel, mode, dtype, d, centres, block_m, block_n, grid_multiplicity, loops, similarity_passes
 
 
-def _sample_spec(kind: str, name: str, d: int, mode: str, centres: bool, tiles: Tiles) -> Spec:
+def _sample_spec(kind: str, name: str, d: int, mode: str, centres: bool, tiles: Tiles, arch: int = 90) -> Spec:
     dtype, tf32 = DTYPE_NAMES[name]
     D = feature_block(d)
     t = "*" + _TL[dtype]
@@ -503,21 +476,21 @@ def _sample_spec(kind: str, name: str, d: int, mode: str, centres: bool, tiles: 
         loops = [band, loop("off-band", "off-band"), loop("off-band two-exp", 0.0)]
         kernel, multiplicity = K._bwd_kernel, triton.cdiv(D, consts["BLOCK_DO"])
     attrs = {(i,): _PTR for i in range(8)} | {(10,): _PTR}  # d: a multiple of ROW_ALIGN
-    info = {"kernel": kind, "mode": mode, "dtype": name, "d": d, "centres": centres, "block_m": tiles.block_m,
-            "block_n": tiles.block_n, "grid_multiplicity": multiplicity, "loops": loops,
+    info = {"arch": arch, "kernel": kind, "mode": mode, "dtype": name, "d": d, "centres": centres,
+            "block_m": tiles.block_m, "block_n": tiles.block_n, "grid_multiplicity": multiplicity, "loops": loops,
             "similarity_passes": gemm_passes(kind, mode, d)[0]}  # fmt: skip
     options = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
     return Spec(kernel, sig, consts, attrs, options, info)
 
 
-def _centre_specs(name: str, mode: str, prior: bool):
+def _centre_specs(name: str, mode: str, prior: bool, arch: int):
     dtype = DTYPE_NAMES[name][0]
     t = "*" + _TL[dtype]
     c = {"HAS_PRIOR": prior, "ALIGNED": mode == "aligned", "BLOCK_M": CENTRE_BLOCK_M, "BLOCK_C": CENTRE_BLOCK_C}
     options = {"num_warps": CENTRE_WARPS, "num_stages": 3}
     loop = {"label": "centres", "elements_per_iteration": CENTRE_BLOCK_M * CENTRE_BLOCK_C, "fraction": 1.0,
             "inner_trips": 1}  # fmt: skip
-    info = {"mode": mode, "dtype": name, "d": None, "centres": True, "block_m": CENTRE_BLOCK_M,
+    info = {"arch": arch, "mode": mode, "dtype": name, "d": None, "centres": True, "block_m": CENTRE_BLOCK_M,
             "block_n": CENTRE_BLOCK_C, "grid_multiplicity": 1, "similarity_passes": 0.0}  # fmt: skip
     sig = {"u_ptr": t, "prior_ptr": "*fp32", "y_ptr": "*i32", "cstats_ptr": "*fp32", "n_anchor": "i32", "C": "i32",
            "stride_u": "i32", "inv_supt": "fp32", "t_own": "fp32", "t_off": "fp32"}  # fmt: skip
@@ -531,36 +504,37 @@ def _centre_specs(name: str, mode: str, prior: bool):
 
 
 def specialisations(dtypes=("bf16", "fp16", "tf32"), dims=(128, 512), modes=("softmax", "aligned"),
-                    centres=(False, True), all_tiles=False):  # fmt: skip
-    """Every kernel specialisation the launchers produce for these data types ("bf16", "fp16",
-    "fp32", "tf32"), feature widths, modes and centre blocks: the default tiles of each width class
-    (all_tiles: the whole autotune set), with the 16-divisibility hint of PyTorch allocations on the
-    pointers and on d (the launchers pad the rows to ROW_ALIGN). Centre kernels come with centres=True."""
+                    centres=(False, True), all_tiles=False, arch: int = 90):  # fmt: skip
+    """Every kernel specialisation the launchers produce on compute capability `arch` (80, 89, 90,
+    100, 120, ...: its family's tile tables) for these data types ("bf16", "fp16", "fp32", "tf32"),
+    feature widths, modes and centre blocks: the default tiles of each width class (all_tiles: the
+    whole autotune set), with the 16-divisibility hint of PyTorch allocations on the pointers and on
+    d (the launchers pad the rows to ROW_ALIGN). Centre kernels come with centres=True."""
     for name in dtypes:
         for d in dims:
             dtype, D = DTYPE_NAMES[name][0], feature_block(d)
             for mode in modes:
-                for tiles in tile_set("fwd", dtype, D)[: None if all_tiles else 1]:
+                for tiles in tile_set("fwd", dtype, D, arch)[: None if all_tiles else 1]:
                     for c in centres:
-                        yield _sample_spec("fwd", name, d, mode, c, tiles)
-                for tiles in tile_set("bwd", dtype, D)[: None if all_tiles else 1]:
-                    yield _sample_spec("bwd", name, d, mode, any(centres), tiles)
+                        yield _sample_spec("fwd", name, d, mode, c, tiles, arch)
+                for tiles in tile_set("bwd", dtype, D, arch)[: None if all_tiles else 1]:
+                    yield _sample_spec("bwd", name, d, mode, any(centres), tiles, arch)
         if True in centres and name != "tf32":
             for mode in modes:
                 for prior in (False, True):
-                    yield from _centre_specs(name, mode, prior)
+                    yield from _centre_specs(name, mode, prior, arch)
 
 
-def compile_set():
-    """What the sm90 compile test builds, each specialisation once. Every autotune config of every
-    width class and mode for bf16 and tf32 (2- and 4-byte data: fp16 and fp32 use the same shared
-    memory or less); the centre variants with default tiles; fp16 and fp32 (ieee, slow to compile)
-    with default tiles at d = 128; the centre kernels for bf16."""
+def compile_set(arch: int = 90):
+    """What the compile test builds for `arch`, each specialisation once. Every autotune config of
+    every width class and mode for bf16 and tf32 (2- and 4-byte data: fp16 and fp32 use the same
+    shared memory or less); the centre variants with default tiles; fp16 and fp32 (ieee, slow to
+    compile) with default tiles at d = 128; the centre kernels for bf16."""
     seen = set()
     for spec in itertools.chain(
-        specialisations(("bf16", "tf32"), (128, 256, 512), centres=(False,), all_tiles=True),
-        specialisations(("bf16", "tf32"), (128,), centres=(True,)),
-        specialisations(("fp16", "fp32"), (128,), centres=(False,)),
+        specialisations(("bf16", "tf32"), (128, 256, 512), centres=(False,), all_tiles=True, arch=arch),
+        specialisations(("bf16", "tf32"), (128,), centres=(True,), arch=arch),
+        specialisations(("fp16", "fp32"), (128,), centres=(False,), arch=arch),
     ):
         key = (spec.kernel, str(spec.signature), str(spec.constexprs), str(spec.attrs), str(spec.options))
         if key not in seen:
