@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp) | $(PY)
 	touch $(STAMP)
 
 # Train on the embedded MNIST-LT default (CPU, a few minutes); prints top-1 and Many/Medium/Few,
-# then the study's numbers for the same config.
+# then the study's numbers for the same config. Each demo run gets a folder of its own under runs/.
 demo: $(STAMP)
-	$(PY) -m train --config mnist_lt_acl --output runs --progress false
+	$(PY) -m train --config mnist_lt_acl --output runs --name demo-$$(date +%Y%m%d-%H%M%S) --progress false
 	$(PY) -m train.study --summary mnist_lt_acl
 
 # The MNIST-LT study (every loss searched, V = 2/4/8, 5 paired seeds, ACL ablation; CPU, hours;
