@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from conftest import assert_close, assert_within_error_bar, assert_close_to_oracle, make_case, require_native, rounding_floor, unit_rows
+from conftest import (
+    assert_close,
+    assert_close_to_oracle,
+    assert_within_error_bar,
+    make_case,
+    require_native,
+    rounding_floor,
+    unit_rows,
+)
 
 from acl_kernels import contrastive_loss
 from acl_kernels.ops.contrastive import chunked
