@@ -21,11 +21,14 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp) | $(PY)
 	$(PY) -m acl_kernels.info
 	touch $(STAMP)
 
-# Train on the embedded MNIST-LT default (CPU, a few minutes); prints top-1 and Many/Medium/Few.
+# Train on the embedded MNIST-LT default (CPU, a few minutes); prints top-1 and Many/Medium/Few,
+# then the study's numbers for the same config.
 demo: $(STAMP)
 	$(PY) -m train --config mnist_lt_acl --output runs --progress false
+	$(PY) -m train.study --summary mnist_lt_acl
 
-# The MNIST-LT study (every loss, V = 2/4/8, 3 seeds; CPU, hours): train/results/study.{csv,md,png}.
+# The MNIST-LT study (every loss searched, V = 2/4/8, 5 paired seeds, ACL ablation; CPU, hours;
+# resumes where it stopped): train/results/study.{csv,md} and study_*.png.
 study: $(STAMP)
 	OMP_NUM_THREADS=1 nice -n 19 $(PY) -m train.study
 

@@ -44,7 +44,8 @@ def plot_views(rows: list[dict], cells, path: Path) -> None:
             xlabel="views V", ylabel=f"test top-1, {title} (%)", title=f"MNIST-LT, {title} (95 % CI)", xticks=[2, 4, 8]
         )
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -72,7 +73,8 @@ def plot_curves(rows: list[dict], chosen_cell, path: Path) -> None:
     ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title="MNIST-LT: validation curves of the chosen configs")
     ax.set_ylim(bottom=40)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -65,8 +65,15 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
         return m, float("nan")
     from scipy.stats import t
 
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    return m, float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return m, float(t.ppf(0.975, n - 1)) * mean_sd(values)[1] / math.sqrt(n)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan with one value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, float("nan")
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
 def paired(a: list[dict], b: list[dict], metric: str) -> tuple[float, float, int]:
