@@ -23,7 +23,7 @@ def accuracy_report(correct, total, train_counts) -> dict:
     total = np.asarray(total, dtype=np.float64)
     per_class = np.divide(correct, total, out=np.full_like(correct, np.nan), where=total > 0)
     groups = class_groups(train_counts)
-    out = {"top1": 100.0 * correct.sum() / max(total.sum(), 1.0), "per_class": 100.0 * per_class}
+    out = {"top1": 100.0 * float(correct.sum()) / max(float(total.sum()), 1.0), "per_class": 100.0 * per_class}
     for g, name in enumerate(GROUPS):
         sel = (groups == g) & (total > 0)
         out[name] = 100.0 * float(per_class[sel].mean()) if sel.any() else float("nan")
