@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_common import small_args, small_cfg
+from train_common import small_args, small_cfg, stop_at_check
 
 from train import engine, state
 from train.__main__ import main
@@ -154,13 +154,7 @@ def test_sigterm_mid_epoch_then_resume_is_exact(tmp_path, monkeypatch):
     assert stop.flag
     stop.restore()
     # stop after the 5th step (epoch 2, step 2), as a SIGTERM arriving there would
-    calls = {"n": 0}
-
-    def requested(self, device):
-        calls["n"] += 1
-        return calls["n"] == 5
-
-    monkeypatch.setattr(engine._Stop, "requested", requested)
+    stop_at_check(monkeypatch, 5)
     with pytest.raises(SystemExit) as e:
         engine.train(small_cfg(tmp_path, *common, "--name", "split"))
     assert e.value.code == 143

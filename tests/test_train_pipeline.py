@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image, ImageFilter
-from train_common import CACHE, small_cfg
+from train_common import CACHE, small_cfg, stop_at_check
 
 from train import checkpoint, config, datasets, engine
 from train.data import epoch_order, make_loader
@@ -89,13 +89,7 @@ def test_fallback_blur_is_pils_with_uniform_sigma(monkeypatch):
 
 def test_mid_epoch_resume_with_other_world_or_batch_is_refused(tmp_path, monkeypatch):
     common = ["--data-loader", "pytorch", "--workers", "0", "--epochs", "2", "--max-steps", "3", "--name", "run"]
-    calls = {"n": 0}
-
-    def requested(self, step):
-        calls["n"] += 1
-        return calls["n"] == 2
-
-    monkeypatch.setattr(engine._Stop, "requested", requested)
+    stop_at_check(monkeypatch, 2)
     with pytest.raises(SystemExit):
         engine.train(small_cfg(tmp_path, *common))
     path = tmp_path / "run" / "checkpoint.pt"

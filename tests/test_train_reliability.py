@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_common import small_args, small_cfg
+from train_common import small_args, small_cfg, stop_at_check
 
 from train import checkpoint, config, engine
 from train.__main__ import main
@@ -266,13 +266,7 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_pat
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
     # the kept checkpoint holds the weights of a clean run stopped after the same steps, not any finite ones
     monkeypatch.undo()
-    calls = {"n": 0}
-
-    def stop_after_epoch_one(self, device):
-        calls["n"] += 1
-        return calls["n"] == 3
-
-    monkeypatch.setattr(engine._Stop, "requested", stop_after_epoch_one)
+    stop_at_check(monkeypatch, 3)  # after epoch 1
     with pytest.raises(SystemExit):
         main(small_args(tmp_path, *FAST, "--epochs", "2", "--loss", "ce", "--name", "clean"))
     clean, _ = checkpoint.load(tmp_path / "clean" / "checkpoint.pt")  # saved after epoch 1's 3 steps
@@ -299,13 +293,7 @@ def _events(run):
 def test_sigterm_on_the_last_step_then_resume_logs_every_step_once(tmp_path, monkeypatch):
     args = (*FAST, "--epochs", "2", "--tensorboard", "true", "--progress", "false")
     engine.train(small_cfg(tmp_path, *args, "--name", "straight"))
-    calls = {"n": 0}
-
-    def requested(self, device):
-        calls["n"] += 1
-        return calls["n"] == 3  # the last step of epoch 1
-
-    monkeypatch.setattr(engine._Stop, "requested", requested)
+    stop_at_check(monkeypatch, 3)  # the last step of epoch 1
     with pytest.raises(SystemExit):
         engine.train(small_cfg(tmp_path, *args, "--name", "split"))
     monkeypatch.undo()

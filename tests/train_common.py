@@ -21,3 +21,16 @@ def small_args(tmp_path, *args: str) -> list[str]:
 def small_cfg(tmp_path, *args: str) -> dict:
     """The resolved config of `small_args`."""
     return config.resolve(small_args(tmp_path, *args))
+
+
+def stop_at_check(monkeypatch, n: int) -> None:
+    """Make the training loop's n-th stop check report a stop, as a SIGTERM arriving then would."""
+    from train import engine
+
+    calls = {"n": 0}
+
+    def requested(self, *args):
+        calls["n"] += 1
+        return calls["n"] == n
+
+    monkeypatch.setattr(engine._Stop, "requested", requested)
