@@ -285,7 +285,7 @@ def run(args, rest) -> list[dict]:
     import torch.distributed as dist
 
     from train import config
-    from train.run import setup_distributed
+    from train.run import close_distributed, setup_distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base = ["--config", args.config, "--progress", "false", "--tensorboard", "false", "--plot", "false"]
@@ -367,8 +367,7 @@ def run(args, rest) -> list[dict]:
         )
     if rank == 0 and args.result_json:
         Path(args.result_json).write_text(json.dumps(baseline))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
     return rows
 
 

@@ -20,7 +20,18 @@ from . import checkpoint, state
 from .data import mix_seed
 from .evaluation import broadcast_buffers, eval_loader, evaluate
 from .logs import Logs, epoch_line, plot_curves
-from .run import BEST, Data, Run, barrier, find_resume, load_data, prepare_folder, start, steps_per_epoch
+from .run import (
+    BEST,
+    Data,
+    Run,
+    barrier,
+    close_distributed,
+    find_resume,
+    load_data,
+    prepare_folder,
+    start,
+    steps_per_epoch,
+)
 from .schedule import lr_at, set_lr
 from .state import TrainState
 from .stop import _Stop, diverged
@@ -172,8 +183,7 @@ def finish_run(run: Run, st: TrainState, data: Data) -> dict:
             if run.main:
                 result = {"best_epoch": st.best[1], "val_top1": st.best[0], "test": report["test"]}
                 (run.out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
     return report
 
 

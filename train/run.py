@@ -110,6 +110,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def close_distributed() -> None:
+    """Tear the process group down on every rank together. A rank that closed its gloo sockets while
+    another was still finishing once aborted ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def start(cfg: dict) -> Run:
     """The process group, torch's threads, and the run folder's guard (before anything is written)."""
     rank, world, device = setup_distributed(cfg)
