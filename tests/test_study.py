@@ -103,3 +103,35 @@ def test_readme_table_is_rewritten_between_its_markers(tmp_path):
     assert text.startswith("intro\n") and text.endswith(f"{rep.README_END}\nafter\n") and "old table" not in text
     assert "| ACL (2) | 2 | 82.5 ± 6.4 |" in text  # mean of 82, 83 with a t-interval over 2 seeds
     assert "| logit-adjusted CE (2) | 2 |" in text and "+1.0 [+1.0, +1.0] | +2.0 [+2.0, +2.0] |" in text
+    assert (
+        "| ACL (2) | 2 | 82.5 ± 6.4 | 90.0 ± 0.0 | 80.0 ± 0.0 | 52.0 ± 0.0 |  |  |" in text
+    )  # no difference with itself
+
+
+def test_recommended_acl_is_the_validation_best_of_grid_and_ablation_and_the_config_follows(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "SEEDS", (1, 2))
+    rows = [
+        _row("grid", lo, v, s, 80, 50, settings={"gamma": 1.0}, val=80 + v)
+        for lo in ("la", "acl")
+        for v in (2, 4, 8)
+        for s in (1, 2)
+    ]
+    small = {"gamma": 0.1, "alpha": 0.05, "lr": 0.1}
+    rows += [_row("ablation", "acl", 2, s, 90 + s, 60, settings=small, variant="gamma 0.1", val=95) for s in (1, 2)]
+    for r in rows:
+        r["epochs"] = str(study.REGIME["epochs"])  # as the saved config's
+    rows += [_row("ablation", "acl", 4, 1, 0, 0, settings={"gamma": 0.0}, variant="gamma 0", val=99)]  # one seed only
+    name, v, rs = rep.recommended_acl(rows)
+    assert (name, v, len(rs)) == ("gamma 0.1", 2, 2)
+    table = "\n".join(rep.readme_table(rows))
+    assert "| recommended ACL: gamma 0.1 (2) | 2 | 91.5 ± 6.4 |" in table
+    assert (
+        "| ACL (8) | 2 | 80.0 ± 0.0 | 90.0 ± 0.0 | 80.0 ± 0.0 | 50.0 ± 0.0 | +11.5 [+5.1, +17.9] | +10.0 [+10.0, +10.0] |"
+        in table
+    )
+    rep.save_configs(rows, tmp_path)
+    acl = (tmp_path / "mnist_lt_acl.yaml").read_text()
+    assert "gamma: 0.1" in acl and "n_views: 2" in acl and "more candidates than the other losses" in acl
+    assert "n_views: 8" in (tmp_path / "mnist_lt_la.yaml").read_text()
+    monkeypatch.setattr(study.config_mod, "find_config", lambda name: tmp_path / f"{name}.yaml")
+    assert "2 seeds of mnist_lt_acl" in study.summary("mnist_lt_acl", rows)  # the ablation runs of that setting

@@ -225,15 +225,18 @@ def plan(rows: list[dict], losses: list[str], args) -> list[list[dict]]:
 
 
 def summary(config: str, rows: list[dict]) -> str:
-    """The study's numbers for a chosen config: mean ± std over the grid seeds of its (loss, V, settings)."""
+    """The study's numbers for a chosen config: mean ± std over the seeds of the grid or ablation cell
+    that trained exactly its (loss, V, settings)."""
     cfg = config_mod.load_yaml(config_mod.find_config(config))
     loss, v = cfg.get("loss"), cfg.get("n_views")
     settings = {k: cfg[k] for k in SPACES.get(loss, {}) if k in cfg}
-    runs = [r for r in rows if r["phase"] == "grid" and (r["loss"], int(r["n_views"])) == (loss, v)]
+    runs = [r for r in rows if r["phase"] != "search" and (r["loss"], int(r["n_views"])) == (loss, v)]
     runs = [r for r in runs if int(r["epochs"]) == cfg.get("epochs")]
+    # every setting the run changed matches the config (an ablation variant changes one part more)
+    runs = [r for r in runs if all(cfg.get(k) == x for k, x in json.loads(r["settings"]).items())]
     runs = [r for r in runs if all(json.loads(r["settings"]).get(k) == x for k, x in settings.items())]
     if not runs:
-        return f"the study has no grid runs of {config} ({loss}, V = {v}, {settings}) yet"
+        return f"the study has no runs of {config} ({loss}, V = {v}, {settings}) yet"
     stats = [report.mean_sd([float(r[f"test_{m}"]) for r in runs]) for m in report.METRICS]
     cols = " | ".join(f"{m} {s[0]:.1f} ± {s[1]:.1f}" for m, s in zip(("top-1", "Many", "Medium", "Few"), stats))
     return f"study, {len(runs)} seeds of {config} (mean ± std, test at the validation-selected epoch): {cols}"
