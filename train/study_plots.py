@@ -38,7 +38,7 @@ def plot_views(rows: list[dict], cells, path: Path) -> None:
                 marker="o",
                 capsize=3,
                 linestyle="-" if phase == "grid" else "--",
-                label=LOSS_NAMES.get(label, f"ACL, {label}"),
+                label={"acl": "ACL (search winner)"}.get(label) or LOSS_NAMES.get(label, f"ACL, {label}"),
             )
         ax.set(
             xlabel="views V", ylabel=f"test top-1, {title} (%)", title=f"MNIST-LT, {title} (95 % CI)", xticks=[2, 4, 8]
