@@ -20,6 +20,7 @@ from conftest import assert_within_error_bar, require_native, run_seed
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
+from oracle_compare import error_units
 
 from acl_kernels import contrastive_loss
 
@@ -157,13 +158,7 @@ def test_backend_matches_the_oracle(backend, case, monkeypatch):
     got = _run(run, z, y, kw, upstream, dtype)
     assert got[0].dtype == dtype, f"{backend}: a {dtype} problem's loss is {got[0].dtype}"
     base = _run(functools.partial(oracle.losses, dtype=dtype), z, y, kw, upstream, dtype)  # PyTorch's own error
-    logit_scale = sizes["norm"] ** 2 / kw["temperature"]
-    if sizes["centres"]:
-        logit_scale = max(logit_scale, kw["centre_logits"].abs().max().item() / kw.get("supt", 1.0) + 5)
-    fp32_scale = 1.0 + (kw["log_prior"].abs().max().item() / kw.get("supt", 1.0) if "log_prior" in kw else 0.0)
-    scale = kw["temperature"] / (kw.get("base_temperature") or kw["temperature"])  # the loss's factor
-    up = upstream.abs().max().item() * scale
-    units = {"loss": scale, "dz": up * sizes["norm"] / kw["temperature"], "du": up / kw.get("supt", 1.0)}
+    logit_scale, fp32_scale, units = error_units(kw, sizes["norm"], upstream.abs().max().item())
     units["dqueue"] = units["dz"]
     names = ["loss", "dz"] + ["dqueue"] * ("queue" in kw) + ["du"] * ("centre_logits" in kw)
     for name, g, b, w in zip(names, [got[0], *got[1]], [base[0], *base[1]], [want[0], *want[1]], strict=True):
