@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from oracle_compare import error_units
+from oracle_subset import pick_anchors, subset_oracle
 
 from acl_kernels import contrastive_loss
 
@@ -163,6 +164,27 @@ def test_backend_matches_the_oracle(backend, case, monkeypatch):
     names = ["loss", "dz"] + ["dqueue"] * ("queue" in kw) + ["du"] * ("centre_logits" in kw)
     for name, g, b, w in zip(names, [got[0], *got[1]], [base[0], *base[1]], [want[0], *want[1]], strict=True):
         assert_within_error_bar(g, w, b, dtype, logit_scale, units[name], f"{backend} {name} ({REPLAY})", fp32_scale)
+
+
+@hypothesis_seed(SEED)
+@BUDGET
+@given(case=cases(), size=st.integers(1, 20))
+@example(case=PAIR_CLASS, size=3)
+def test_subset_oracle_matches_the_full_oracle(case, size):
+    """tests/oracle_subset.py, the oracle of the N = 65536 GPU cases, against the full oracle: the
+    losses of the subset S and every gradient under an upstream gradient that is 0 outside S. Both
+    are float64 from the same formulas in another order: the bar is error_bar's fp64 floor (no fp32
+    weights on either side)."""
+    kw, sizes, seed = case
+    z, y, kw, _ = _tensors(kw, sizes, seed)
+    anchors, v, upstream = pick_anchors(kw["n_anchor"] or sizes["n"], size, torch.Generator().manual_seed(seed))
+    full = _run(oracle.losses, z, y, kw, upstream, torch.float64)
+    subset = subset_oracle(z, y, kw, anchors, v)
+    logit_scale, _, units = error_units(kw, sizes["norm"], v.abs().max().item())
+    units["dqueue"] = units["dz"]
+    names = ["loss", "dz"] + ["dqueue"] * ("queue" in kw) + ["du"] * ("centre_logits" in kw)
+    for name, s, f in zip(names, subset, [full[0][anchors], *full[1]], strict=True):
+        assert_within_error_bar(s, f, None, torch.float64, logit_scale, units[name], f"subset {name} ({REPLAY})", 0.0)
 
 
 @pytest.mark.interpret
