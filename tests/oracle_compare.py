@@ -1,6 +1,7 @@
 """How a test compares a loss with the float64 oracle (tests/oracle.py): the oracle behind
-contrastive_loss's signature, the units of conftest.error_bar's floor, and a check of a
-single-process loss computation (presets included) against the oracle.
+contrastive_loss's signature, the units of conftest.error_bar's floor, a check of a single-process
+loss computation (presets included) against the oracle, and the per-element bars of gradients whose
+products round dL/dlogit to fp16/bf16.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from unittest import mock
 import oracle
 import torch
 from conftest import assert_within_error_bar
+from torch.overrides import TorchFunctionMode
 
 import acl_kernels.losses
 
@@ -83,3 +85,47 @@ def assert_single_matches_oracle(name, single, leaves, kinds, got, upstream=None
     units["loss"] *= core.n_anchor if reduction == "sum" else 1.0
     for what, g, w, b in zip(["loss", *kinds], got, [want[0], *want[1]], [base[0], *base[1]], strict=True):
         assert_within_error_bar(g, w, b, torch.float32, logit_scale, units[what], f"{name} {what}", fp32_scale)
+
+
+class _Similarity(TorchFunctionMode):
+    """Keeps the oracle's one matrix product: the similarity S = z_a [z; queue]^T [a, M]."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__"):
+            assert not hasattr(self, "s"), "the oracle has one matrix product"
+            self.s = out
+        return out
+
+
+def rounded_product_bars(z, labels, kw, upstream, dtype):
+    """(float64 oracle gradients, one bar per element) of z, then the queue and the centre logits
+    where they require grad, for fp16/bf16 data whose gradient products round dL/dlogit to `dtype`
+    (the Triton kernels: the products run on tensor cores at the data's rate, fp32 accumulation).
+
+    The rows' gradient is G R + G^T z_a, G = dL/dS from the oracle, R = [z; queue]. Rounding each
+    element of G (or the kernel's G_jk + G_kj) moves it by at most one ulp, eps |G|, so element
+    (j, c) moves by at most e = eps (|G| |R| + |G|^T |z_a|)_jc: one ulp, not half, as the Triton
+    interpreter truncates fp32 to bf16. Add M eps32 times the same sum (fp32 accumulation over M
+    columns) and conftest.error_bar's fp32 floor; the result is rounded to `dtype`: (1 + eps) e +
+    eps |oracle|. The centre logits' gradient has no product: the floor and the output rounding only.
+    """
+    kw, leaves = dict(kw), [z.detach().double().requires_grad_()]
+    for key in ("queue", "centre_logits"):
+        if kw.get(key) is not None:
+            kw[key], wants = kw[key].detach().double(), kw[key].requires_grad
+            leaves += [kw[key].requires_grad_()] if wants else []
+    queue_grad = kw.get("queue") is not None and kw["queue"].requires_grad
+    with _Similarity() as similarity:
+        losses = oracle_loss(leaves[0], labels, reduction="none", **kw)
+    g, *grads = torch.autograd.grad(losses, [similarity.s, *leaves], upstream.to(losses.dtype))
+    rows = torch.cat([leaves[0], *([] if kw.get("queue") is None else [kw["queue"]])]).detach()
+    products = g.abs().T @ rows[: g.shape[0]].abs()  # [M, d]: the column side of every row
+    products[: g.shape[0]] += g.abs() @ rows.abs()  # the anchor side of the anchors
+    logit_scale, fp32_scale, units = error_units(kw, rows.norm(dim=1).max().item(), upstream.abs().max().item())
+    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
+    floor = {k: 8 * eps32 * (max(1.0, logit_scale) + fp32_scale) * units[k] for k in ("dz", "du")}
+    parts = [products[: z.shape[0]]] + [products[z.shape[0] :]] * queue_grad
+    bars = [(eps + rows.shape[0] * eps32) * p + floor["dz"] for p in parts]
+    bars += [torch.full_like(grads[-1], floor["du"])] * (len(grads) > len(parts))
+    return grads, [(1 + eps) * e + eps * o.abs() for e, o in zip(bars, grads, strict=True)]
