@@ -71,9 +71,10 @@ def assert_single_matches_oracle(name, single, leaves, kinds, got, upstream=None
 
     single(core, *leaves) computes the loss, calling `core` with contrastive_loss's signature where it
     calls the functional core directly (presets call theirs, swapped for the oracle here too);
-    leaves: fp32 leaf tensors; kinds: "dz" or "du" per leaf (its error unit); got: (the loss the
-    test computed with the real core, then each leaf's gradient); upstream: the gradient that reached
-    a reduction="none" loss (None for a scalar loss).
+    leaves: leaf tensors of one dtype; kinds: "dz" or "du" per leaf (its error unit); got: (the loss
+    the test computed with the real core, then each leaf's gradient); upstream: the gradient that
+    reached a reduction="none" loss (None for a scalar loss). The loss is fp32 arithmetic (fp64 for
+    fp64 leaves); fp16/bf16 gradients take error_bar's rule of the data type.
     """
     want = _evaluate(single, leaves, torch.float64, upstream)
     base = _evaluate(single, leaves, torch.float32, upstream)  # PyTorch's own fp32 error
@@ -84,7 +85,8 @@ def assert_single_matches_oracle(name, single, leaves, kinds, got, upstream=None
     logit_scale, fp32_scale, units = error_units(core.kw, core.norm, up)
     units["loss"] *= core.n_anchor if reduction == "sum" else 1.0
     for what, g, w, b in zip(["loss", *kinds], got, [want[0], *want[1]], [base[0], *base[1]], strict=True):
-        assert_within_error_bar(g, w, b, torch.float32, logit_scale, units[what], f"{name} {what}", fp32_scale)
+        dtype = torch.float32 if what == "loss" else leaves[0].dtype
+        assert_within_error_bar(g, w, b, dtype, logit_scale, units[what], f"{name} {what}", fp32_scale)
 
 
 class _Similarity(TorchFunctionMode):

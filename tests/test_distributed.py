@@ -208,8 +208,13 @@ def check_half(rank, world, seed, sizes):
     own = slices(sizes)[rank]
     feats = unit_rows(sum(sizes), 2, 32, dtype=torch.bfloat16, generator=gen).requires_grad_()
     labels = torch.randint(0, 3, (sum(sizes),), generator=gen)
-    full = SupConLoss(temperature=0.1, impl="torch")(feats, labels)
+
+    def single(core, f):
+        return SupConLoss(temperature=0.1, impl="torch")(f, labels)
+
+    full = single(contrastive_loss, feats)
     full.backward()
+    assert_single_matches_oracle("bf16 supcon", single, [feats], ["dz"], [full, feats.grad])
     mine = local_leaf(feats, own)
     got = SupConLoss(temperature=0.1, impl="torch", process_group=dist.new_group())(mine, labels[own])
     got.backward()
