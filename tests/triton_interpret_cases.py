@@ -30,7 +30,7 @@ from acl_kernels.ops.contrastive import triton_backend  # noqa: E402
 
 # masked lanes compute exp/log of values they then discard: numpy warns, the results are unaffected
 pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
-RTOL = 1e-4  # fp32 data; fp16/bf16 data are held to the error model (compare)
+RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}  # the correctness contract
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +49,8 @@ def run(z, y, kw, inputs, impl, upstream, **extra):
 def compare(z, y, kw, inputs, rng=None, **extra):
     """triton vs the float64 reference on the same rounded inputs; value and every gradient under a
     random upstream gradient. PyTorch's own error (reference in the input precision) widens the bar.
-    fp16/bf16 gradients: one bar per element from the rounding of dL/dlogit before the products
-    (oracle_compare.rounded_product_bars, against the independent oracle)."""
+    fp16/bf16 gradients: the contract's 2e-2 and one bar per element from the rounding of dL/dlogit
+    before the products (oracle_compare.rounded_product_bars, against the independent oracle)."""
     inputs64 = [x.detach().double().requires_grad_() for x in inputs]
     kw64, rest = dict(kw), iter(inputs64[1:])
     for key in ("queue", "centre_logits"):
@@ -70,13 +70,12 @@ def compare(z, y, kw, inputs, rng=None, **extra):
         assert_within_error_bar(got[0], oracle[0], base[0], torch.float32, logit_scale, 1.0, "loss")
         want, bars = rounded_product_bars(z, y, {**kw, **extra}, upstream, z.dtype)
     else:
-        assert_close_to_oracle(got[0], base[0], oracle[0], RTOL, "loss", atol)
+        assert_close_to_oracle(got[0], base[0], oracle[0], RTOL[z.dtype], "loss", atol)
     for i, (g, b, o) in enumerate(zip(got[1], base[1], oracle[1], strict=True)):
         assert g.dtype == inputs[i].dtype
-        if half:
+        assert_close_to_oracle(g, b, o, RTOL[z.dtype], f"grad[{i}]", atol)
+        if half:  # and within the bar of each element
             assert_within(g, want[i], bars[i], f"grad[{i}]")
-        else:
-            assert_close_to_oracle(g, b, o, RTOL, f"grad[{i}]", atol)
 
 
 MODES = ["softmax", "aligned"]
