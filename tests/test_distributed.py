@@ -3,7 +3,8 @@
 Each test spawns its ranks once (spawning is the slow part) and runs many checks in them. Every
 rank builds the same global inputs from one seed, takes its slice, and compares the value and the
 gradients (divided by world size: the convention DDP's averaging undoes) with a single-process
-call on the whole batch.
+call on the whole batch. That single-process call is itself compared with the float64 oracle
+(tests/oracle.py, the presets' calls included), so a fault shared by both paths fails too.
 """
 
 import os
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import assert_close, unit_rows
+from oracle_compare import assert_single_matches_oracle
 
 from acl_kernels import ACLLoss, GPaCoLoss, PaCoLoss, SupConLoss, contrastive_loss
 from acl_kernels.dispatch import backends
@@ -53,8 +55,13 @@ def case_supcon(rank, world, gen, impl, sizes, mode):
     feats = unit_rows(sum(sizes), views, d, generator=gen).requires_grad_()
     labels = torch.randint(0, 4, (sum(sizes),), generator=gen)
     kw = {"temperature": 0.1, "contrast_mode": mode, "impl": impl}
-    full = SupConLoss(**kw)(feats, labels)
+
+    def single(core, f):
+        return SupConLoss(**kw)(f, labels)
+
+    full = single(contrastive_loss, feats)
     full.backward()
+    assert_single_matches_oracle(f"supcon {mode} {impl}", single, [feats], ["dz"], [full, feats.grad])
     mine = local_leaf(feats, own)
     got = SupConLoss(**kw, process_group=dist.group.WORLD)(mine, labels[own])
     got.backward()
@@ -62,7 +69,13 @@ def case_supcon(rank, world, gen, impl, sizes, mode):
     check_grads(world, [(f"supcon {mode} features", mine, feats, own)])
     if mode == "all":  # SimCLR: no labels, every image its own class across ranks
         feats.grad = None
-        SupConLoss(**kw)(feats).backward()
+
+        def simclr(core, f):
+            return SupConLoss(**kw)(f)
+
+        full = simclr(contrastive_loss, feats)
+        full.backward()
+        assert_single_matches_oracle(f"simclr {impl}", simclr, [feats], ["dz"], [full, feats.grad])
         mine = local_leaf(feats, own)
         got = SupConLoss(**kw, process_group=dist.group.WORLD)(mine)
         got.backward()
@@ -87,8 +100,13 @@ def case_paco(rank, world, gen, impl, sizes, gpaco):
         m.cal_weight_for_classes(counts)
         return m
 
-    full = loss(None)(torch.cat([q, key, queue]), torch.cat([y, y, y_queue]), sup)
+    def single(core, q, key, sup):
+        return loss(None)(torch.cat([q, key, queue.to(q.dtype)]), torch.cat([y, y, y_queue]), sup)
+
+    full = single(contrastive_loss, q, key, sup)
     full.backward()
+    got = [full, q.grad, key.grad, sup.grad]
+    assert_single_matches_oracle(f"{cls.__name__} {impl}", single, [q, key, sup], ["dz", "dz", "du"], got)
     mq, mk = local_leaf(q, own), local_leaf(key, own)
     if gpaco:  # sup_logits rows follow the in-batch rows [q_r; k_r]
         msup = torch.cat([sup.detach()[own], sup.detach()[b:][own]]).requires_grad_()
@@ -120,8 +138,13 @@ def case_acl(rank, world, gen, impl, sizes, weighting):
         m.cal_weight_for_classes(counts)
         return m
 
-    full = loss(None)(feats, labels, sup, queue, y_queue)
+    def single(core, f, s):
+        return loss(None)(f, labels, s, queue.to(f.dtype), y_queue)
+
+    full = single(contrastive_loss, feats, sup)
     full.backward()
+    got = [full, feats.grad, sup.grad]
+    assert_single_matches_oracle(f"acl {weighting} {impl}", single, [feats, sup], ["dz", "du"], got)
     mine, msup = local_leaf(feats, own), local_leaf(sup, own)
     got = loss(dist.group.WORLD)(mine, labels[own], msup, queue, y_queue)
     got.backward()
@@ -139,8 +162,14 @@ def case_functional_none(rank, world, gen, impl, sizes):
     u = torch.randn(sum(sizes), c, generator=gen).requires_grad_()
     up = torch.randn(sum(sizes), generator=gen)
     kw = {"mode": "aligned", "temperature": 0.2, "negative_weight": "batch", "reduction": "none", "impl": impl}
-    full = contrastive_loss(torch.cat([z_a, z_b]), torch.cat([y_a, y_b]), n_anchor=sum(sizes), centre_logits=u, **kw)
+
+    def single(core, z_a, z_b, u):
+        return core(torch.cat([z_a, z_b]), torch.cat([y_a, y_b]), n_anchor=sum(sizes), centre_logits=u, **kw)
+
+    full = single(contrastive_loss, z_a, z_b, u)
     full.backward(up)
+    got = [full, z_a.grad, z_b.grad, u.grad]
+    assert_single_matches_oracle(f"none {impl}", single, [z_a, z_b, u], ["dz", "dz", "du"], got, up)
     own = slices(sizes)[rank]
     ma, mb, mu = local_leaf(z_a, own), local_leaf(z_b, own), local_leaf(u, own)
     got = contrastive_loss(
@@ -182,8 +211,13 @@ def check_half(rank, world, seed, sizes):
     own = slices(sizes)[rank]
     feats = unit_rows(sum(sizes), 2, 32, dtype=torch.bfloat16, generator=gen).requires_grad_()
     labels = torch.randint(0, 3, (sum(sizes),), generator=gen)
-    full = SupConLoss(temperature=0.1, impl="torch")(feats, labels)
+
+    def single(core, f):
+        return SupConLoss(temperature=0.1, impl="torch")(f, labels)
+
+    full = single(contrastive_loss, feats)
     full.backward()
+    assert_single_matches_oracle("bf16 supcon", single, [feats], ["dz"], [full, feats.grad])
     mine = local_leaf(feats, own)
     got = SupConLoss(temperature=0.1, impl="torch", process_group=dist.new_group())(mine, labels[own])
     got.backward()

@@ -20,6 +20,8 @@ from conftest import assert_within_error_bar, require_native, run_seed
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
+from oracle_compare import error_units
+from oracle_subset import pick_anchors, subset_oracle
 
 from acl_kernels import contrastive_loss
 
@@ -157,17 +159,32 @@ def test_backend_matches_the_oracle(backend, case, monkeypatch):
     got = _run(run, z, y, kw, upstream, dtype)
     assert got[0].dtype == dtype, f"{backend}: a {dtype} problem's loss is {got[0].dtype}"
     base = _run(functools.partial(oracle.losses, dtype=dtype), z, y, kw, upstream, dtype)  # PyTorch's own error
-    logit_scale = sizes["norm"] ** 2 / kw["temperature"]
-    if sizes["centres"]:
-        logit_scale = max(logit_scale, kw["centre_logits"].abs().max().item() / kw.get("supt", 1.0) + 5)
-    fp32_scale = 1.0 + (kw["log_prior"].abs().max().item() / kw.get("supt", 1.0) if "log_prior" in kw else 0.0)
-    scale = kw["temperature"] / (kw.get("base_temperature") or kw["temperature"])  # the loss's factor
-    up = upstream.abs().max().item() * scale
-    units = {"loss": scale, "dz": up * sizes["norm"] / kw["temperature"], "du": up / kw.get("supt", 1.0)}
+    logit_scale, fp32_scale, units = error_units(kw, sizes["norm"], upstream.abs().max().item())
     units["dqueue"] = units["dz"]
     names = ["loss", "dz"] + ["dqueue"] * ("queue" in kw) + ["du"] * ("centre_logits" in kw)
     for name, g, b, w in zip(names, [got[0], *got[1]], [base[0], *base[1]], [want[0], *want[1]], strict=True):
         assert_within_error_bar(g, w, b, dtype, logit_scale, units[name], f"{backend} {name} ({REPLAY})", fp32_scale)
+
+
+@hypothesis_seed(SEED)
+@BUDGET
+@given(case=cases(), size=st.integers(1, 20))
+@example(case=PAIR_CLASS, size=3)
+def test_subset_oracle_matches_the_full_oracle(case, size):
+    """tests/oracle_subset.py, the oracle of the N = 65536 GPU cases, against the full oracle: the
+    losses of the subset S and every gradient under an upstream gradient that is 0 outside S. Both
+    are float64 from the same formulas in another order: the bar is error_bar's fp64 floor (no fp32
+    weights on either side)."""
+    kw, sizes, seed = case
+    z, y, kw, _ = _tensors(kw, sizes, seed)
+    anchors, v, upstream = pick_anchors(kw["n_anchor"] or sizes["n"], size, torch.Generator().manual_seed(seed))
+    full = _run(oracle.losses, z, y, kw, upstream, torch.float64)
+    subset = subset_oracle(z, y, kw, anchors, v)
+    logit_scale, _, units = error_units(kw, sizes["norm"], v.abs().max().item())
+    units["dqueue"] = units["dz"]
+    names = ["loss", "dz"] + ["dqueue"] * ("queue" in kw) + ["du"] * ("centre_logits" in kw)
+    for name, s, f in zip(names, subset, [full[0][anchors], *full[1]], strict=True):
+        assert_within_error_bar(s, f, None, torch.float64, logit_scale, units[name], f"subset {name} ({REPLAY})", 0.0)
 
 
 @pytest.mark.interpret

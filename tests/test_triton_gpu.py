@@ -1,18 +1,23 @@
 """Triton kernels vs the float64 oracle at realistic sizes on a GPU (skipped without CUDA).
 
-The oracle is the reference backend (N <= 8192) or the chunked torch backend (larger N, whose
-N x N reference would not fit) in float64 on the same rounded inputs; the bar is the contract's
-tolerance or twice PyTorch's own error in the same precision, whichever is larger.
+The oracle is the reference backend (N <= 8192) or, for larger N whose N x N matrices would not
+fit, the independent oracle of tests/oracle.py on 256 random anchors (tests/oracle_subset.py: their
+losses, and every gradient under an upstream gradient that is 0 outside them), in float64 on the
+same rounded inputs; the bar is the contract's tolerance or twice PyTorch's own error in the same
+precision, whichever is larger.
 """
 
 import pytest
 import torch
 from conftest import assert_close_to_oracle
+from oracle_subset import pick_anchors, subset_oracle
 
 from acl_kernels import contrastive_loss
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+DENSE_ORACLE_MAX_N = 8192  # beyond: the oracle on SUBSET anchors
+SUBSET = 256
 
 
 def _case(n, d, dtype, n_classes, *, queue=0, centres=0, n_anchor=None, seed=0):
@@ -44,20 +49,29 @@ def _run(y, kw, inputs, impl, upstream, dtype=None, **extra):
     return [losses.detach(), *grads]
 
 
-def _compare(n, d, dtype, mode, tf32=False, **case):
-    z, y, kw, inputs = _case(n, d, dtype, max(2, n // 64), **case)
-    n_anchor = kw.get("n_anchor") or n
-    upstream = torch.randn(n_anchor, device="cuda", dtype=torch.float64) / n_anchor
-    oracle_impl = "reference" if n <= 8192 else "torch"
+def _compare(n, d, dtype, mode, tf32=False, seed=0, **case):
+    # labels must be < C with a centre block (N = 65536 draws 1024 classes, against 1000 centres)
+    n_classes = min(max(2, n // 64), case.get("centres") or n)
+    z, y, kw, inputs = _case(n, d, dtype, n_classes, seed=seed, **case)
+    n_anchor, dense = kw.get("n_anchor") or n, n <= DENSE_ORACLE_MAX_N
+    if dense:
+        rows, upstream = slice(None), torch.randn(n_anchor, device="cuda", dtype=torch.float64) / n_anchor
+    else:
+        anchors, v, upstream = pick_anchors(n_anchor, SUBSET, torch.Generator().manual_seed(seed))
+        rows, upstream = anchors.cuda(), upstream.cuda()
     prev = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
-        oracle = _run(y, kw, inputs, oracle_impl, upstream, torch.float64, mode=mode)
+        if dense:
+            oracle = _run(y, kw, inputs, "reference", upstream, torch.float64, mode=mode)
+        else:
+            oracle = subset_oracle(z, y, {**kw, "mode": mode}, anchors, v)
         base = _run(y, kw, inputs, "torch", upstream, mode=mode)  # PyTorch in the input precision
         torch.backends.cuda.matmul.allow_tf32 = tf32
         got = _run(y, kw, inputs, "triton", upstream, mode=mode)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
+    got[0], base[0] = got[0][rows], base[0][rows]  # the losses the oracle has
     rtol = 3e-3 if (tf32 and dtype == torch.float32) else RTOL[dtype]
     for i, (a, b, o) in enumerate(zip(got, base, oracle)):
         assert_close_to_oracle(a, b, o, rtol, "loss" if i == 0 else f"grad[{i - 1}]")
