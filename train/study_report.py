@@ -333,12 +333,12 @@ def save_configs(rows: list[dict], folder: Path) -> None:
         if chosen is None or any(len(grid.get((loss, v), [])) < len(SEEDS) for v in VIEWS):
             continue  # V is chosen once every V has every seed
         v, rs = chosen
-        how = f"search at V = 2; then V = {v} had the best mean validation top-1"
+        how = f"search at V = 2; then V = {v} had the best mean validation top-1 of V = 2, 4, 8"
         if loss == "acl" and (best := recommended_acl(rows)) and best[0] != "acl":
             name, v, rs = best
             how = (
                 f"the ablation's '{name}' at V = {v} had the best mean validation top-1 of the search winner"
-                f"\n# at every V and the ablation's variants: more candidates than the other losses had"
+                f"\n# at every V and the ablation's variants, more candidates than the other losses had"
             )
         data = config_mod.load_yaml(config_mod.find_config(BASE_CONFIG))
         data.update({k: x for k, x in REGIME.items() if k not in NOT_SAVED})
@@ -347,7 +347,7 @@ def save_configs(rows: list[dict], folder: Path) -> None:
         test = [mean_ci([float(r[f"test_{m}"]) for r in rs]) for m in ("top1", "few")]
         header = (
             f"# MNIST-LT, {LOSS_NAMES[loss]}: the setting chosen by `python -m train.study` on the validation split\n"
-            f"# ({how}, {val:.1f}, over seeds {','.join(sorted(r['seed'] for r in rs))}).\n"
+            f"# ({how}: {val:.1f} over seeds {','.join(sorted(r['seed'] for r in rs))}).\n"
             f"# study: test top-1 {fmt(*test[0])}, Few {fmt(*test[1])} (mean ± 95 % CI); train/results/study.md.\n"
         )
         (folder / f"mnist_lt_{loss}.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
