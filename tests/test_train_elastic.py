@@ -32,7 +32,7 @@ def test_lost_worker_restarts_and_finishes(tmp_path, launch):
         *("--config", "mnist_lt_acl", "--epochs", str(EPOCHS), "--threads", "1", "--resume", "auto"),
         *("--check-images", "false", "--output", str(tmp_path), "--name", "ddp", "--cache-dir", str(CACHE)),
         *("--max-steps", "12", "--max-eval-batches", "4", "--progress", "false", "--tensorboard", "false"),
-        *("--plot", "false", "--stop-check-every", "2"),
+        *("--plot", "false", "--stop-check-every", "2", "--n-views", "2"),
     ]
     if launch == "acl-train":  # the launcher: python -m train --nproc-per-node
         cmd = [sys.executable, "-m", "train", "--nproc-per-node", "2", "--max-restarts", "1", *args]
