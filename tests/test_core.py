@@ -140,11 +140,23 @@ def test_small_temperature(rng, cpu_impl, mode):
 def test_half_inputs(rng, cpu_impl, dtype, mode):
     """Half inputs are accumulated in fp32: the fp32 loss within the fp32 error bar of the fp64 oracle
     on the same (rounded) data, the half gradient within 2 ulps of the oracle rounded to its dtype."""
-    z, y, kw, inputs = make_case(rng, 96, 32, 5, dtype=dtype)
+    check_half_inputs(rng, cpu_impl, dtype, mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["softmax", "aligned"])
+def test_reference_half_inputs(rng, dtype, mode):
+    """The reference backend too accumulates half inputs in fp32 (at the data's precision, bf16
+    logits of size 10 would be off by about 0.04)."""
+    check_half_inputs(rng, "reference", dtype, mode, centres=True)
+
+
+def check_half_inputs(rng, impl, dtype, mode, centres=False):
+    z, y, kw, inputs = make_case(rng, 96, 32, 5, dtype=dtype, centres=centres)
     upstream = upstream_for(z, kw)
     z64 = z.detach().double().requires_grad_()
     ref = run(z64, y, kw, [z64], "reference", upstream, mode=mode, temperature=0.1)
-    got = run(z, y, kw, inputs, cpu_impl, upstream, mode=mode, temperature=0.1)
+    got = run(z, y, kw, inputs, impl, upstream, mode=mode, temperature=0.1)
     assert got[1][0].dtype == dtype
     assert_within_error_bar(got[0], ref[0], None, torch.float32, 1 / 0.1, 1.0, "loss")
     assert_within_error_bar(got[1][0], ref[1][0], None, dtype, 1 / 0.1, 1.0, "grad")
