@@ -36,7 +36,7 @@ SAME = {
     "python -m train": "python -m train --config mnist_lt_acl",
     "make study": "python -m train.study",
 }
-# the suite itself and mutation testing over it (hours); shell helpers
+# the suite itself and mutation testing over it (half an hour); shell helpers
 NOT_RUN = ("make test", "make mutants", "python -m pytest", "git archive", "python -c")
 
 
