@@ -323,52 +323,60 @@ def run(args, rest) -> list[dict]:
             dist.all_gather_object(every, result)
         if rank:
             continue
-        per_rank = [r["images_per_s"] for r in every]
-        total = sum(per_rank)
-        key = f"{cfg['loss']}|{cfg['loss_impl']}|{cfg['n_views']}|{cfg['batch_size'] // world}|{cfg['data_loader']}"
-        if world == 1:
-            baseline[key] = total
-        eff = total / (world * baseline[key]) if key in baseline else ""
-        parts = {k: statistics.mean(r["parts"][k] for r in every) for k in PARTS}
-        comm = statistics.mean(r["comm"] for r in every)
-        row = {
-            "date": time.strftime("%Y-%m-%d %H:%M"),
-            "git_sha": _git_sha(),
-            "device": _device_name(device),
-            **_versions(),
-            "backend": dist.get_backend() if dist.is_initialized() else "none",
-            "world": world,
-            "config": Path(cfg["config"]).stem,
-            "arch": cfg["arch"],
-            "image_size": cfg["image_size"],
-            "loss": cfg["loss"],
-            "impl": cfg["loss_impl"],
-            "n_views": cfg["n_views"],
-            "batch_per_rank": cfg["batch_size"] // world,
-            "data_loader": cfg["data_loader"],
-            "workers": cfg["workers"],
-            "images_per_s": f"{total:.2f}",
-            "views_per_s": f"{total * cfg['n_views']:.2f}",
-            "per_rank_images_per_s": ";".join(f"{r:.2f}" for r in per_rank),
-            "scaling_efficiency": f"{eff:.3f}" if eff != "" else "",
-            "step_ms": f"{1e3 * sum(parts.values()):.1f}",
-            **{f"{k}_ms": f"{1e3 * v:.1f}" for k, v in parts.items()},
-            "comm_ms": f"{1e3 * comm:.1f}",
-        }
-        rows.append(row)
-        print(
-            f"{row['loss']}/{row['impl']} V={row['n_views']} batch {row['batch_per_rank']}/rank {row['data_loader']} "
-            f"x{world}: {total:.1f} img/s ({row['views_per_s']} views/s; per rank {row['per_rank_images_per_s']})"
-            + (f", scaling efficiency {eff:.2f}" if eff != "" else "")
-            + "\n  step (ms): "
-            + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in parts.items())
-            + f", exposed comm {1e3 * comm:.1f}",
-            flush=True,
-        )
+        rows.append(_report(cfg, every, world, device, baseline))
     if rank == 0 and args.result_json:
         Path(args.result_json).write_text(json.dumps(baseline))
     close_distributed()
     return rows
+
+
+def _report(cfg: dict, every: list[dict], world: int, device, baseline: dict) -> dict:
+    """The CSV row of one configuration from every rank's result, printed; a 1-process run records its
+    throughput in `baseline`, a multi-process run reports its scaling efficiency against it."""
+    import torch.distributed as dist
+
+    per_rank = [r["images_per_s"] for r in every]
+    total = sum(per_rank)
+    key = f"{cfg['loss']}|{cfg['loss_impl']}|{cfg['n_views']}|{cfg['batch_size'] // world}|{cfg['data_loader']}"
+    if world == 1:
+        baseline[key] = total
+    eff = total / (world * baseline[key]) if key in baseline else ""
+    parts = {k: statistics.mean(r["parts"][k] for r in every) for k in PARTS}
+    comm = statistics.mean(r["comm"] for r in every)
+    row = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "git_sha": _git_sha(),
+        "device": _device_name(device),
+        **_versions(),
+        "backend": dist.get_backend() if dist.is_initialized() else "none",
+        "world": world,
+        "config": Path(cfg["config"]).stem,
+        "arch": cfg["arch"],
+        "image_size": cfg["image_size"],
+        "loss": cfg["loss"],
+        "impl": cfg["loss_impl"],
+        "n_views": cfg["n_views"],
+        "batch_per_rank": cfg["batch_size"] // world,
+        "data_loader": cfg["data_loader"],
+        "workers": cfg["workers"],
+        "images_per_s": f"{total:.2f}",
+        "views_per_s": f"{total * cfg['n_views']:.2f}",
+        "per_rank_images_per_s": ";".join(f"{r:.2f}" for r in per_rank),
+        "scaling_efficiency": f"{eff:.3f}" if eff != "" else "",
+        "step_ms": f"{1e3 * sum(parts.values()):.1f}",
+        **{f"{k}_ms": f"{1e3 * v:.1f}" for k, v in parts.items()},
+        "comm_ms": f"{1e3 * comm:.1f}",
+    }
+    print(
+        f"{row['loss']}/{row['impl']} V={row['n_views']} batch {row['batch_per_rank']}/rank {row['data_loader']} "
+        f"x{world}: {total:.1f} img/s ({row['views_per_s']} views/s; per rank {row['per_rank_images_per_s']})"
+        + (f", scaling efficiency {eff:.2f}" if eff != "" else "")
+        + "\n  step (ms): "
+        + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in parts.items())
+        + f", exposed comm {1e3 * comm:.1f}",
+        flush=True,
+    )
+    return row
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
