@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import platform
@@ -105,7 +106,7 @@ def _git_sha(path: Path) -> str:
     return res.stdout.strip() or "unknown"
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--code", nargs="+", default=["."], help="repository copies whose train/ to measure")
     p.add_argument("--labels", nargs="+", default=None, help="a name per --code copy (default: the paths)")
@@ -125,6 +126,11 @@ def main() -> None:
     p.add_argument("--code-one", dest="code_one", help=argparse.SUPPRESS)
     p.add_argument("--loader", help=argparse.SUPPRESS)
     p.add_argument("--v", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def main() -> None:
+    p = _parser()
     args, rest = p.parse_known_args()
     if args.one:
         args.code = args.code_one
@@ -138,36 +144,47 @@ def main() -> None:
         from synthetic import make_set
 
         args.data_root = str(make_set(Path("/tmp") / f"acl_synthetic_{args.images}", args.images, args.classes))
+    runs = _run_all(args, rest, labels)
+    _append_csv(args, runs, labels)
+    _print_medians(args, runs, labels)
+
+
+def _run_all(args, rest: list[str], labels: list[str]) -> dict[tuple, list[dict]]:
+    """Each (repeat, V, loader, code copy) measured in a fresh process; results per (V, loader, label)."""
     runs: dict[tuple, list[dict]] = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for rep in range(args.repeats):
-        for v in args.n_views:
-            for loader in args.loaders:
-                for code, label in zip(args.code, labels):
-                    cmd = [sys.executable, __file__, "--one", "--code-one", code, "--loader", loader, "--v", str(v)]
-                    cmd += ["--config", args.config, "--data-root", args.data_root, "--classes", str(args.classes)]
-                    cmd += ["--batch-size", str(args.batch_size), "--batches", str(args.batches)]
-                    cmd += ["--workers", str(args.workers), "--device", args.device, *rest]
-                    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                    if res.returncode:
-                        sys.exit(f"{label} {loader} V={v} failed:\n{res.stderr[-3000:]}")
-                    r = json.loads(res.stdout.strip().splitlines()[-1])
-                    runs.setdefault((v, loader, label), []).append(r)
-                    print(
-                        f"repeat {rep}: V={v} {loader:8s} {label:20s} {r['images_per_s']:7.1f} img/s "
-                        f"{r['cpu_ms_per_image']:6.1f} CPU-ms/img, build {r['build_s']:.2f} s",
-                        flush=True,
-                    )
-    new = not args.csv.exists()
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    for rep, v, loader, (code, label) in itertools.product(
+        range(args.repeats), args.n_views, args.loaders, zip(args.code, labels)
+    ):
+        cmd = [sys.executable, __file__, "--one", "--code-one", code, "--loader", loader, "--v", str(v)]
+        cmd += ["--config", args.config, "--data-root", args.data_root, "--classes", str(args.classes)]
+        cmd += ["--batch-size", str(args.batch_size), "--batches", str(args.batches)]
+        cmd += ["--workers", str(args.workers), "--device", args.device, *rest]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode:
+            sys.exit(f"{label} {loader} V={v} failed:\n{res.stderr[-3000:]}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        runs.setdefault((v, loader, label), []).append(r)
+        print(
+            f"repeat {rep}: V={v} {loader:8s} {label:20s} {r['images_per_s']:7.1f} img/s "
+            f"{r['cpu_ms_per_image']:6.1f} CPU-ms/img, build {r['build_s']:.2f} s",
+            flush=True,
+        )
+    return runs
+
+
+def _append_csv(args, runs: dict[tuple, list[dict]], labels: list[str]) -> None:
     import torch
 
+    new = not args.csv.exists()
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             w.writeheader()
         for (v, loader, label), rs in runs.items():
             code = Path(args.code[labels.index(label)])
+            sha = _git_sha(code) if (code / ".git").exists() else label
             for i, r in enumerate(rs):
                 w.writerow(
                     {
@@ -176,7 +193,7 @@ def main() -> None:
                         "loader_device": args.device,
                         "torch": torch.__version__,
                         "code": label,
-                        "code_sha": _git_sha(code) if (code / ".git").exists() else label,
+                        "code_sha": sha,
                         "loader": loader,
                         "n_views": v,
                         "batch": args.batch_size,
@@ -188,6 +205,9 @@ def main() -> None:
                         "cpu_ms_per_image": f"{r['cpu_ms_per_image']:.2f}",
                     }
                 )
+
+
+def _print_medians(args, runs: dict[tuple, list[dict]], labels: list[str]) -> None:
     print(f"\nmedian of {args.repeats} (batch {args.batch_size}, {args.workers} worker(s), config {args.config})")
     print(f"{'V':>2} {'loader':8s} {'code':20s} {'img/s':>8} {'CPU-ms/img':>11} {'build s':>8} {'vs first':>9}")
     for v in args.n_views:

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -83,12 +84,14 @@ def parse(argv=None):
 
 
 class StepClock:
-    """Marks inside one training step (hooks on the model) and the sums of its parts, in seconds."""
+    """Marks inside one training step (hooks on the model) and the sums of its parts, in seconds.
+    Off (the throughput phase) its hooks do nothing, so plain steps run without device syncs."""
 
     def __init__(self, device):
         import torch
 
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.on = False
         self.reset()
 
     def now(self) -> float:
@@ -102,9 +105,12 @@ class StepClock:
         """Time every forward of `module`; with outputs_grad, note when its outputs' gradients arrive."""
 
         def pre(mod, inputs):
-            self._start = self.now()
+            if self.on:
+                self._start = self.now()
 
         def post(mod, inputs, out):
+            if not self.on:
+                return
             self.fwd += self.now() - self._start
             if outputs_grad:
                 for t in out if isinstance(out, tuple) else (out,):
@@ -119,8 +125,22 @@ class StepClock:
         return grad
 
 
-def measure(cfg: dict, args, rank: int, world: int, device) -> dict:
-    """Throughput and step breakdown of one configuration on this rank."""
+@dataclass
+class Bench:
+    """What one training step of the measured configuration uses."""
+
+    net: object  # the model, DDP-wrapped on several ranks
+    objective: object
+    opt: object
+    autocast: object
+    scaler: object
+    device: object
+    memory_format: object  # torch.channels_last on CUDA, else None
+    clock: StepClock
+
+
+def build(cfg: dict, rank: int, world: int, device):
+    """The configuration's model, objective (a full queue), optimizer and training loader."""
     import torch
     from torch import nn
 
@@ -134,10 +154,10 @@ def measure(cfg: dict, args, rank: int, world: int, device) -> dict:
     torch.manual_seed(cfg["seed"])
     proj = cfg["proj_dim"] if cfg["loss"] in PROJECTING else 0
     model = Model(cfg["arch"], num_classes, cfg["head"], proj).to(device)
-    channels_last = device.type == "cuda"
-    cfg["_channels_last"] = channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    cfg["_channels_last"] = device.type == "cuda"
+    memory_format = torch.channels_last if cfg["_channels_last"] else None
+    if memory_format is not None:
+        model = model.to(memory_format=memory_format)
     objective = Objective(cfg, model, class_counts(train_split, num_classes), num_classes).to(device)
     k = objective.queue.shape[0]
     if k:  # the steady state: a full queue of keys (training fills it in the first K / batch steps)
@@ -148,71 +168,67 @@ def measure(cfg: dict, args, rank: int, world: int, device) -> dict:
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    autocast, scaler = autocast_factory(cfg, device)
-    loader = make_loader(cfg, train_split, train=True, epoch=0, rank=rank, world=world, device=device)
-    batches = _endless(loader)
     clock = StepClock(device)
     clock.attach(net, outputs_grad=True)
     if objective.key_encoder is not None:
         clock.attach(objective.key_encoder, outputs_grad=False)
+    bench = Bench(net, objective, opt, *autocast_factory(cfg, device), device, memory_format, clock)
+    return bench, make_loader(cfg, train_split, train=True, epoch=0, rank=rank, world=world, device=device)
 
-    def step(views, labels):
-        if channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        loss = objective(net, views, labels.to(device), autocast)
-        opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
 
-    def timed_step(views_labels_wait):
-        (views, labels), wait = views_labels_wait
-        clock.reset()
-        t0 = clock.now()
-        if channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        loss = objective(net, views, labels.to(device), autocast)
-        t1 = clock.now()
-        opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        t2 = clock.now()
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        t3 = clock.now()
-        ready = clock.grad_ready or t1
-        return {
-            "data": wait,
-            "fwd": clock.fwd,
-            "loss_fwd": t1 - t0 - clock.fwd,
-            "loss_bwd": ready - t1,
-            "bwd": t2 - ready,
-            "optim": t3 - t2,
-        }
+def train_step(b: Bench, views, labels) -> dict:
+    """One training step; with the clock on, a device sync at each boundary and the step's parts (s)."""
+    clock = b.clock
+    mark = clock.now if clock.on else (lambda: 0.0)
+    clock.reset()
+    t0 = mark()
+    if b.memory_format is not None:
+        views = [v.contiguous(memory_format=b.memory_format) for v in views]
+    loss = b.objective(b.net, views, labels.to(b.device), b.autocast)
+    t1 = mark()
+    b.opt.zero_grad(set_to_none=True)
+    (b.scaler.scale(loss) if b.scaler else loss).backward()
+    t2 = mark()
+    if b.scaler:
+        b.scaler.step(b.opt)
+        b.scaler.update()
+    else:
+        b.opt.step()
+    t3 = mark()
+    ready = clock.grad_ready or t1
+    fwd = clock.fwd
+    return {"fwd": fwd, "loss_fwd": t1 - t0 - fwd, "loss_bwd": ready - t1, "bwd": t2 - ready, "optim": t3 - t2}
 
+
+def _median_parts(b: Bench, batches, steps: int) -> dict:
+    """The median of each part over `steps` timed steps (data: seconds blocked on the loader)."""
+    rows = []
+    for _ in range(steps):
+        (views, labels), wait = next(batches)
+        rows.append({"data": wait, **train_step(b, views, labels)})
+    return {k: statistics.median(r[k] for r in rows) for k in PARTS}
+
+
+def measure(cfg: dict, args, rank: int, world: int, device) -> dict:
+    """Throughput and step breakdown of one configuration on this rank."""
+    b, loader = build(cfg, rank, world, device)
+    batches = _endless(loader)
     for _ in range(args.warmup):
-        (views, labels), _ = next(batches)
-        step(views, labels)
-    clock.sync()
+        train_step(b, *next(batches)[0])
+    b.clock.sync()
     _barrier(world)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        (views, labels), _ = next(batches)
-        step(views, labels)
-    clock.sync()
+        train_step(b, *next(batches)[0])
+    b.clock.sync()
     elapsed = time.perf_counter() - t0
-    per_step = [timed_step(next(batches)) for _ in range(args.breakdown_steps)]
-    parts = {k: statistics.median(s[k] for s in per_step) for k in PARTS}
+    b.clock.on = True
+    parts = _median_parts(b, batches, args.breakdown_steps)
     comm = 0.0
-    if world > 1:
-        with net.no_sync():
-            quiet = [timed_step(next(batches)) for _ in range(args.breakdown_steps)]
-        comm = max(0.0, parts["bwd"] - statistics.median(s["bwd"] for s in quiet))
+    if world > 1:  # the same steps without DDP's all-reduce: what backward does not hide
+        with b.net.no_sync():
+            quiet = _median_parts(b, batches, args.breakdown_steps)
+        comm = max(0.0, parts["bwd"] - quiet["bwd"])
     n = cfg["batch_size"] // world
     return {"images_per_s": n * args.steps / elapsed, "parts": parts, "comm": comm}
 
