@@ -333,58 +333,75 @@ def bwd(
     holds); stats and coef are always those of all n_anchor anchors.
     """
     zc = _contrast(z, queue)
-    m_rows, d = zc.shape
     n = z.shape[0]
-    dev = zc.device
     coef = coef.to(torch.float32).contiguous()
     stats = stats.to(torch.float32).contiguous()
     dz = dq = du = None
     if out_rows is not None and need_queue:
         raise ValueError("triton backend: a process group's queue is a constant and gets no gradient")
     if need_z or need_queue:
-        n_out = (m_rows if need_queue else n) if out_rows is None else out_rows.shape[0]
-        dzc = _empty((n_out, d), z.dtype, dev)
-        if n_out > 0:
-            k2 = LOG2E / temperature
-            srt = _sort(zc, labels, w_same, w_other)
-            dp = srt.zs.shape[1]
-            dzp = dzc if dp == d else _empty((n_out, dp), z.dtype, dev)
-            rows = torch.arange(n_out, device=dev) if out_rows is None else out_rows.to(dev)
-            orow = _row_set(srt, rows)
-            rowv, scal = _backward_rows(srt, stats, coef, n_anchor, aligned, zc.dtype, k2, temperature)
-            D = feature_block(dp)
-            consts = sample_constexprs(zc.dtype, aligned, D, INTERPRET, torch.backends.cuda.matmul.allow_tf32)
-            block_do = min(D, WHOLE_D_MAX)
-            grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(dp, block_do))  # noqa: E731
-            _launch(
-                K._bwd_kernel, "bwd", zc.dtype, D, grid,
-                (srt.zs, srt.y, srt.band, srt.bias, rowv, orow, scal, dzp, n_out, m_rows, dp, k2, alpha),
-                dict(consts, BLOCK_DO=block_do, INT64=_int64(m_rows * dp)),
-            )  # fmt: skip
-            if dzp is not dzc:
-                dzc.copy_(dzp[:, :d])
+        n_out = (zc.shape[0] if need_queue else n) if out_rows is None else out_rows.shape[0]
+        rows = torch.arange(n_out, device=zc.device) if out_rows is None else out_rows.to(zc.device)
+        dzc = _row_grads(zc, labels, w_same, w_other, stats, coef, rows, n_anchor, aligned, temperature, alpha)
         dz = (dzc[:n] if out_rows is None else dzc) if need_z else None
         dq = dzc[n:].clone() if need_queue else None  # outputs of an op may not alias
     if need_centres:
-        y = labels.to(device=dev, dtype=torch.int32).contiguous()
-        u = _centres(centre_logits)
-        n_cls = u.shape[1]
-        t_own, t_off = _centre_targets(beta, smooth, n_cls, aligned)
-        du = _empty(tuple(u.shape), u.dtype, dev)
-        n_here = n_anchor if anchors is None else anchors.stop - anchors.start
-        if anchors is not None and anchors.start != 0:
-            # this slice's labels, stats and upstream gradients, in fresh (aligned) buffers
-            y, stats, coef = (x[anchors].clone() for x in (y, stats, coef))
-        prior = log_prior.to(device=dev, dtype=torch.float32).contiguous() if log_prior is not None else stats
-        grid = (triton.cdiv(n_here, CENTRE_BLOCK_M), triton.cdiv(n_cls, CENTRE_BLOCK_C))
-        if n_here > 0:
-            K._centre_bwd_kernel[grid](
-                u, prior, y, stats, coef, du, n_here, n_cls, u.stride(0), du.stride(0), 1.0 / supt, t_own, t_off,
-                HAS_PRIOR=log_prior is not None, ALIGNED=aligned,
-                BLOCK_M=CENTRE_BLOCK_M, BLOCK_C=CENTRE_BLOCK_C, **_centre_opts(),
-            )  # fmt: skip
-        du = du.to(centre_logits.dtype)
+        settings = (aligned, beta, supt, smooth)
+        du = _centre_grads(centre_logits, log_prior, labels, stats, coef, n_anchor, anchors, *settings)
     return dz, dq, du
+
+
+def _row_grads(zc: Tensor, labels: Tensor, w_same: Tensor, w_other: Tensor, stats: Tensor, coef: Tensor,
+               rows: Tensor, n_anchor: int, aligned: bool, temperature: float, alpha: float) -> Tensor:  # fmt: skip
+    """The gradient [len(rows), d] of the loss with respect to the contrast rows `rows` (of z ++ queue)."""
+    m_rows, d = zc.shape
+    n_out, dev = rows.shape[0], zc.device
+    dzc = _empty((n_out, d), zc.dtype, dev)
+    if n_out == 0:
+        return dzc
+    k2 = LOG2E / temperature
+    srt = _sort(zc, labels, w_same, w_other)
+    dp = srt.zs.shape[1]  # d padded to a multiple of 16
+    dzp = dzc if dp == d else _empty((n_out, dp), zc.dtype, dev)
+    orow = _row_set(srt, rows)
+    rowv, scal = _backward_rows(srt, stats, coef, n_anchor, aligned, zc.dtype, k2, temperature)
+    D = feature_block(dp)
+    consts = sample_constexprs(zc.dtype, aligned, D, INTERPRET, torch.backends.cuda.matmul.allow_tf32)
+    block_do = min(D, WHOLE_D_MAX)
+    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(dp, block_do))  # noqa: E731
+    _launch(
+        K._bwd_kernel, "bwd", zc.dtype, D, grid,
+        (srt.zs, srt.y, srt.band, srt.bias, rowv, orow, scal, dzp, n_out, m_rows, dp, k2, alpha),
+        dict(consts, BLOCK_DO=block_do, INT64=_int64(m_rows * dp)),
+    )  # fmt: skip
+    if dzp is not dzc:
+        dzc.copy_(dzp[:, :d])
+    return dzc
+
+
+def _centre_grads(centre_logits: Tensor, log_prior: Tensor | None, labels: Tensor, stats: Tensor, coef: Tensor,
+                  n_anchor: int, anchors: slice | None, aligned: bool, beta: float, supt: float,
+                  smooth: float) -> Tensor:  # fmt: skip
+    """The gradient of the loss with respect to centre_logits (the rows of `anchors`, or all anchors)."""
+    dev = coef.device
+    y = labels.to(device=dev, dtype=torch.int32).contiguous()
+    u = _centres(centre_logits)
+    n_cls = u.shape[1]
+    t_own, t_off = _centre_targets(beta, smooth, n_cls, aligned)
+    du = _empty(tuple(u.shape), u.dtype, dev)
+    n_here = n_anchor if anchors is None else anchors.stop - anchors.start
+    if anchors is not None and anchors.start != 0:
+        # this slice's labels, stats and upstream gradients, in fresh (aligned) buffers
+        y, stats, coef = (x[anchors].clone() for x in (y, stats, coef))
+    prior = log_prior.to(device=dev, dtype=torch.float32).contiguous() if log_prior is not None else stats
+    grid = (triton.cdiv(n_here, CENTRE_BLOCK_M), triton.cdiv(n_cls, CENTRE_BLOCK_C))
+    if n_here > 0:
+        K._centre_bwd_kernel[grid](
+            u, prior, y, stats, coef, du, n_here, n_cls, u.stride(0), du.stride(0), 1.0 / supt, t_own, t_off,
+            HAS_PRIOR=log_prior is not None, ALIGNED=aligned,
+            BLOCK_M=CENTRE_BLOCK_M, BLOCK_C=CENTRE_BLOCK_C, **_centre_opts(),
+        )  # fmt: skip
+    return du.to(centre_logits.dtype)
 
 
 # ---- the op's kernels for this device (schemas, fakes, autograd: op.py) --------------------------
