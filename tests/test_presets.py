@@ -156,6 +156,8 @@ def test_acl_gradient_signs(rng):
         assert bool((s.grad[pos] > 0).any()) == expect_conflict
 
 
+# the missing-prior warning is tested in test_paco_drop_in_keywords_and_prior_warning
+@pytest.mark.filterwarnings("ignore:PaCoLoss. cal_weight_for_classes")
 def test_paco_checks_its_inputs(rng):
     feats = unit_rows(20, 4, generator=rng)
     labels = torch.randint(0, 3, (20,), generator=rng)
