@@ -37,6 +37,7 @@ def _stats(root, loader: str) -> dict:
     cfg = small_cfg(
         root,
         *("--data-loader", loader, "--views", "randaug", "--n-views", "1", "--image-size", "32"),
+        *("--eval-resize", "32"),
         *("--batch-size", "64", "--mean", ",".join(map(str, MEAN)), "--std", ",".join(map(str, STD))),
         *("--max-steps", "0"),  # the whole epoch (small_cfg stops after 2 steps)
     )

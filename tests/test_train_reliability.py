@@ -16,6 +16,7 @@ from train_common import small_args, small_cfg, stop_at_check
 
 from train import checkpoint, config, engine
 from train.__main__ import main
+from train.data import make_loader
 from train.data_checks import check_images, describe_classes
 from train.datasets import DataError, Split, read_split
 from train.objective import Objective
@@ -94,6 +95,17 @@ def test_an_image_dali_cannot_decode_stops_the_run_naming_it(tmp_path, capsys, w
         assert state["epoch"] == 1 and path == run / "checkpoint.pt"
     else:
         assert not (run / "checkpoint.pt").exists()
+
+
+def test_a_pipeline_failure_on_good_files_says_what_dali_reported(tmp_path):
+    """Every file decodes, yet the pipeline fails (here: a centre crop larger than the resized image,
+    which the config check refuses, forced past it): the error names DALI's operator and reason."""
+    args = _split_args(tmp_path, "a.jpg 0\nb.jpg 1\n", "a.jpg 0\nb.jpg 1\n", "--data-loader", "dali")
+    cfg = config.resolve([*args, "--image-size", "32", "--eval-resize", "32"])
+    cfg["eval_resize"] = 20
+    split = read_split(tmp_path / "data" / "val.txt", tmp_path / "data")
+    with pytest.raises(RuntimeError, match=r"each of the 2 files .* decodes on its own: .*crop: Slice can't be placed"):
+        next(iter(make_loader(cfg, split, train=False, epoch=0, rank=0, world=1, device=torch.device("cpu"))))
 
 
 def test_classes_are_reported_and_a_named_count_is_enforced(tmp_path, capsys):
@@ -328,6 +340,7 @@ def test_every_option_has_help_with_its_default():
         (["--alpha", "-1"], "alpha must be >= 0"),
         (["--momentum", "1.5"], "momentum must be"),
         (["--std", "0,1,1"], "std > 0"),
+        (["--image-size", "32"], "eval_resize must be >= image_size"),  # the config's eval_resize is 28
     ],
 )
 def test_invalid_values_are_refused_when_the_config_is_read(args, match):

@@ -127,7 +127,7 @@ HELP = {
     "data_loader": "dali (DALI pipeline) or pytorch (torchvision fallback, the same batches)",
     "workers": "DALI threads / DataLoader workers per rank (also the threads of the image check)",
     "image_size": "side of the square training / evaluation crops",
-    "eval_resize": "shorter side before the evaluation centre crop",
+    "eval_resize": "shorter side before the evaluation centre crop (>= image_size)",
     "views": "augmentation recipe of each view, cycled to n_views: " + ", ".join(RECIPES),
     "n_views": "augmented views per image (>= 2 for paco, gpaco, supcon)",
     "randaug_n": "RandAugment: operations per image",
@@ -349,6 +349,11 @@ def check(cfg: dict[str, Any]) -> None:
     unknown = [r for r in cfg["views"] if r not in RECIPES]
     if unknown:
         raise ConfigError(f"views: unknown augmentation recipe(s) {unknown}; known: {list(RECIPES)}")
+    if cfg["eval_resize"] < cfg["image_size"]:
+        raise ConfigError(
+            f"eval_resize must be >= image_size (the evaluation's centre crop of image_size is cut from the image "
+            f"resized to eval_resize), got eval_resize={cfg['eval_resize']}, image_size={cfg['image_size']}"
+        )
     if len(cfg["mean"]) != 3 or len(cfg["std"]) != 3 or not all(s > 0 for s in cfg["std"]):
         raise ConfigError(f"mean and std need 3 values (RGB), std > 0; got {cfg['mean']}, {cfg['std']}")
     try:

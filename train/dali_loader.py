@@ -9,6 +9,7 @@ the order can change per epoch without a rebuild. A file DALI cannot decode stop
 
 from __future__ import annotations
 
+import re
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -79,6 +80,16 @@ def undecodable(paths: list[Path], decode_device: str, device_id) -> list[tuple[
     return bad
 
 
+def dali_reason(error: Exception) -> str:
+    """The failing operator and the first line of its report, out of DALI's multi-line error text."""
+    text = str(error)
+    op = re.search(r"Error in \w+ operator `([^`]+)`", text)
+    report = text.split("encountered:", 1)[-1]
+    lines = [x.strip() for x in report.splitlines() if x.strip() and not x.strip().startswith("C++ context")]
+    what = lines[0] if lines else "no reason given"
+    return f"{op.group(1)}: {what}" if op else what
+
+
 def _weak_source(loader: DaliLoader) -> Callable:
     """loader._source through a weak reference. A bound method would make loader -> pipeline ->
     source -> loader a cycle, freed only by the cyclic garbage collector, which may then run in a
@@ -138,7 +149,7 @@ class DaliLoader:
         try:  # the iterator runs the pipeline's first batches already
             self.iterator = DALIGenericIterator(self.pipe, [f"v{i}" for i in range(len(recipes))] + ["label"])
         except RuntimeError as e:
-            raise self._decode_error() from e
+            raise self._decode_error(e) from e
         self.epoch, self.skip, self.at_end = epoch, skip, False
         self.replay = 0 if state else skip  # restored: the pipeline is already at step `skip`
 
@@ -192,7 +203,7 @@ class DaliLoader:
                 self.at_end = True
                 return
             except RuntimeError as e:
-                raise self._decode_error() from e
+                raise self._decode_error(e) from e
             if self._handed:
                 self._handed.pop(0)
             step += 1
@@ -200,12 +211,16 @@ class DaliLoader:
                 continue
             yield [out[f"v{i}"] for i in range(self.n_views)], out["label"].reshape(-1).long()
 
-    def _decode_error(self) -> Exception:
-        """The error of a failed pipeline run: the undecodable files of the batches in flight, named."""
+    def _decode_error(self, error: RuntimeError) -> Exception:
+        """The error of a failed pipeline run: the undecodable files of the batches in flight, named;
+        if they all decode, what DALI reported."""
         paths = [self.split.full_path(int(i)) for e, s in self._handed for i in self.sharding.batch_indices(e, s)]
         bad = undecodable(paths, self.decode_device, self.device_id)
         if not bad:
-            return RuntimeError(f"the DALI pipeline failed; the {len(paths)} files of its batches in flight decode")
+            return RuntimeError(
+                f"the DALI pipeline failed, and each of the {len(paths)} files of its batches in flight decodes "
+                f"on its own: {dali_reason(error)}"
+            )
         return self._unreadable(bad)
 
     def _unreadable(self, bad: list[tuple[Path, str]]) -> DataError:
