@@ -8,6 +8,8 @@ third of the strength (31 magnitude bins: channel means 0.28 apart) and for one 
 layer (p = 1: the filled fraction leaves the tolerance).
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -56,3 +58,22 @@ def test_randaugment_statistics_agree(images):
     assert ((dali["std"] / timm["std"]) - 1).abs().max() < 0.1, (dali, timm)
     assert abs(dali["fill"] - timm["fill"]) < 0.03, (dali, timm)
     assert 0.03 < timm["fill"] < 0.15  # geometric operations at full strength leave pixels uncovered
+
+
+def test_dali_recipes_use_current_operator_names(images):
+    """Every DALI recipe builds and runs without a deprecation warning (DALI's AutoAugment policies
+    still call `fn.experimental.equalize`; the loader swaps in the current operators)."""
+    from train.config import RECIPES
+
+    cfg = small_cfg(
+        images,
+        *("--data-loader", "dali", "--views", ",".join(RECIPES), "--n-views", str(len(RECIPES))),
+        *("--image-size", "32", "--eval-resize", "32", "--batch-size", "8", "--max-steps", "1"),
+    )
+    split = datasets.read_split(images / "split.txt", images)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        views, _ = next(iter(make_loader(cfg, split, train=True, epoch=0, rank=0, world=1, device=torch.device("cpu"))))
+    assert len(views) == len(RECIPES)
+    deprecated = [str(w.message) for w in seen if issubclass(w.category, DeprecationWarning)]
+    assert not deprecated, deprecated
