@@ -340,7 +340,8 @@ def test_every_option_has_help_with_its_default():
         (["--alpha", "-1"], "alpha must be >= 0"),
         (["--momentum", "1.5"], "momentum must be"),
         (["--std", "0,1,1"], "std > 0"),
-        (["--image-size", "32"], "eval_resize must be >= image_size"),  # the config's eval_resize is 28
+        (["--image-size", "32"], "eval_resize must be >= image_size"),
+        (["--name", "../elsewhere"], "name must be a folder name under output"),  # the config's eval_resize is 28
     ],
 )
 def test_invalid_values_are_refused_when_the_config_is_read(args, match):

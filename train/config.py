@@ -349,6 +349,9 @@ def check(cfg: dict[str, Any]) -> None:
     unknown = [r for r in cfg["views"] if r not in RECIPES]
     if unknown:
         raise ConfigError(f"views: unknown augmentation recipe(s) {unknown}; known: {list(RECIPES)}")
+    name = Path(cfg["name"])
+    if name.is_absolute() or ".." in name.parts:
+        raise ConfigError(f"name must be a folder name under output (not absolute, no '..'), got {cfg['name']!r}")
     if cfg["eval_resize"] < cfg["image_size"]:
         raise ConfigError(
             f"eval_resize must be >= image_size (the evaluation's centre crop of image_size is cut from the image "
