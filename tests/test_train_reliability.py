@@ -3,6 +3,7 @@ checkpoints, resumed logs, and the command line's checks (all on tiny MNIST-LT r
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -347,6 +348,41 @@ def test_every_option_has_help_with_its_default():
 def test_invalid_values_are_refused_when_the_config_is_read(args, match):
     with pytest.raises(config.ConfigError, match=match):
         config.resolve(args)
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_a_second_one_at_once():
+    """The first SIGINT asks for a stop (as SIGTERM does); the second raises KeyboardInterrupt at once."""
+    stop = engine._Stop()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.flag and stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_mid_run_saves_a_checkpoint_and_exits_130(tmp_path):
+    """A run interrupted by Ctrl-C: the message, exit 130, a mid-epoch checkpoint that resumes."""
+    args = small_args(tmp_path, *FAST, "--max-steps", "0", "--epochs", "30", "--max-eval-batches", "1")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train", *args], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a shell's `&` would ignore it
+    )  # fmt: skip
+    ck = tmp_path / "mnist_lt_acl" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not ck.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Ctrl-C: checkpoint saved at epoch" in out and "Traceback" not in out, out[-3000:]
+    state, path = checkpoint.load(ck)
+    assert path == ck and state["step"] > 0 and state["epoch"] < 30
 
 
 def test_a_sigterm_ends_a_process_that_cannot_reach_its_stop_check(tmp_path):

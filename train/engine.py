@@ -3,7 +3,7 @@ steps, the checkpoint and the epoch's end (evaluation, logs, best weights); fina
 
 Each part lives in a module of its own: train/run.py (process group, run folder, data),
 train/state.py (model, optimizer, loaders, checkpoint contents), train/evaluation.py,
-train/logs.py, train/timing.py, train/schedule.py, train/stop.py (SIGTERM, divergence).
+train/logs.py, train/timing.py, train/schedule.py, train/stop.py (SIGTERM, Ctrl-C, divergence).
 The loop's parts share one `TrainState`, passed explicitly.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ def train_epoch(run: Run, st: TrainState, logs: Logs, stop: _Stop, epoch: int) -
         meter.add(loss, labels.shape[0] * run.world)
         _log_step(run, logs, bar, meter, loss, lr, epoch, step, st.steps)
         if stop.requested(step):
-            _stop_now(run, st, meter, bar, epoch, step)
+            _stop_now(run, st, meter, bar, epoch, step, stop.signum)
     if bar is not None:
         bar.close()
     return meter, meter.row(epoch, lr_at(cfg, epoch, max(step - 1, 0), st.steps))
@@ -128,13 +129,14 @@ def _log_step(run: Run, logs: Logs, bar, meter: EpochMeter, loss, lr: float, epo
     logs.scalar("train/images_per_s", rate, epoch * steps + step)
 
 
-def _stop_now(run: Run, st: TrainState, meter: EpochMeter, bar, epoch: int, step: int):
-    """A SIGTERM: the mid-epoch checkpoint (with the epoch's sums so far), then exit 143."""
+def _stop_now(run: Run, st: TrainState, meter: EpochMeter, bar, epoch: int, step: int, signum: int):
+    """A SIGTERM or Ctrl-C: the mid-epoch checkpoint (with the epoch's sums so far), then exit 128 + signal."""
     if bar is not None:
         bar.close()
     state.save(run, st, meter.loss_sum, epoch, step, partial=meter.sums())
-    run.say(f"SIGTERM: checkpoint saved at epoch {epoch}, step {step} in {run.checkpoint}; continue with --resume auto")
-    raise SystemExit(143)
+    what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    run.say(f"{what}: checkpoint saved at epoch {epoch}, step {step} in {run.checkpoint}; continue with --resume auto")
+    raise SystemExit(128 + signum)
 
 
 def finish_epoch(run: Run, st: TrainState, data: Data, logs: Logs, epoch: int, row: dict) -> None:

@@ -1,4 +1,5 @@
-"""Ending a run early: a SIGTERM (checkpoint, then exit 143) and a diverged loss (TrainingError)."""
+"""Ending a run early: a SIGTERM (checkpoint, then exit 143), Ctrl-C (checkpoint, then exit 130; a
+second Ctrl-C stops at once) and a diverged loss (TrainingError)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 
 import torch
@@ -37,7 +39,8 @@ def diverged(cfg: dict, last, epoch: int, step: int) -> TrainingError:
 
 
 class _Stop:
-    """SIGTERM sets a flag; the loop saves a checkpoint and stops at the next step that checks it.
+    """SIGTERM or a first Ctrl-C (SIGINT) sets a flag; the loop saves a checkpoint and stops at the
+    next step that checks it. A second Ctrl-C raises KeyboardInterrupt at once, as Python does.
 
     One process checks after every step (reading a flag). Under DDP every rank must stop at the
     same step, so ranks agree by an all-reduce of the flags every `every` steps and at an epoch's
@@ -52,12 +55,14 @@ class _Stop:
     """
 
     def __init__(self, every: int = 1, steps: int = 0):
-        self.flag = False
+        self.flag, self.signum = False, signal.SIGTERM
         self.every, self.steps = every, steps
-        self.previous = self.previous_fd = None
+        self.previous, self.previous_fd = {}, None
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         with contextlib.suppress(ValueError):  # not the main thread: no handler
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+                self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
             self._start_watchdog()
 
     def _start_watchdog(self) -> None:
@@ -82,11 +87,15 @@ class _Stop:
                 return
 
     def _handle(self, signum, frame):
-        self.flag = True
+        self.flag, self.signum = True, signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again: at once)", file=sys.stderr)
 
     def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
         if self.previous_fd is not None:
             signal.set_wakeup_fd(self.previous_fd)
             self._restored.set()
