@@ -16,6 +16,7 @@ from PIL import Image
 from train_common import small_args, small_cfg, stop_at_check
 
 from train import checkpoint, config, engine
+from train import stop as stop_module
 from train.__main__ import main
 from train.data import make_loader
 from train.data_checks import check_images, describe_classes
@@ -351,11 +352,14 @@ def test_invalid_values_are_refused_when_the_config_is_read(args, match):
 
 
 def test_ctrl_c_stops_with_a_checkpoint_and_a_second_one_at_once():
-    """The first SIGINT asks for a stop (as SIGTERM does); the second raises KeyboardInterrupt at once."""
+    """The first SIGINT asks for a stop (as SIGTERM does); one right after it is the same keypress; a
+    later one raises KeyboardInterrupt at once."""
     stop = engine._Stop()
     try:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.flag and stop.signum == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)  # at once: the same keypress, forwarded by torchrun
+        time.sleep(stop_module.SECOND_CTRL_C_S + 0.1)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs between bytecodes

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,9 @@ from torch import nn
 # after a SIGTERM, the seconds the loop has to reach its next stop check and write the checkpoint;
 # a worker still running then is blocked (a collective whose peer is gone) and exits with 143
 STOP_GRACE_S = 60.0
+# a Ctrl-C this long after the first stops at once; an earlier one is the same keypress reaching the
+# process twice (the terminal signals every process of the job, and torchrun forwards it to its workers)
+SECOND_CTRL_C_S = 1.0
 
 
 class TrainingError(RuntimeError):
@@ -40,7 +44,7 @@ def diverged(cfg: dict, last, epoch: int, step: int) -> TrainingError:
 
 class _Stop:
     """SIGTERM or a first Ctrl-C (SIGINT) sets a flag; the loop saves a checkpoint and stops at the
-    next step that checks it. A second Ctrl-C raises KeyboardInterrupt at once, as Python does.
+    next step that checks it. A second Ctrl-C (SECOND_CTRL_C_S after the first) raises KeyboardInterrupt.
 
     One process checks after every step (reading a flag). Under DDP every rank must stop at the
     same step, so ranks agree by an all-reduce of the flags every `every` steps and at an epoch's
@@ -55,7 +59,7 @@ class _Stop:
     """
 
     def __init__(self, every: int = 1, steps: int = 0):
-        self.flag, self.signum = False, signal.SIGTERM
+        self.flag, self.signum, self.interrupted_at = False, signal.SIGTERM, 0.0
         self.every, self.steps = every, steps
         self.previous, self.previous_fd = {}, None
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
@@ -87,11 +91,13 @@ class _Stop:
                 return
 
     def _handle(self, signum, frame):
-        self.flag, self.signum = True, signum
         if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            if not dist.is_initialized() or dist.get_rank() == 0:
+            if self.interrupted_at and time.monotonic() - self.interrupted_at > SECOND_CTRL_C_S:
+                raise KeyboardInterrupt
+            if not self.interrupted_at and (not dist.is_initialized() or dist.get_rank() == 0):
                 print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again: at once)", file=sys.stderr)
+            self.interrupted_at = self.interrupted_at or time.monotonic()
+        self.flag, self.signum = True, signum
 
     def restore(self):
         for signum, handler in self.previous.items():
