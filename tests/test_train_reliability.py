@@ -353,19 +353,37 @@ def test_invalid_values_are_refused_when_the_config_is_read(args, match):
 
 def test_ctrl_c_stops_with_a_checkpoint_and_a_second_one_at_once():
     """The first SIGINT asks for a stop (as SIGTERM does); one right after it is the same keypress; a
-    later one raises KeyboardInterrupt at once."""
-    stop = engine._Stop()
+    later one raises KeyboardInterrupt at once. (Python's own SIGINT handler first: a job started in
+    the background by a shell has SIGINT ignored, and then the run leaves it so.)"""
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.flag and stop.signum == signal.SIGINT
-        os.kill(os.getpid(), signal.SIGINT)  # at once: the same keypress, forwarded by torchrun
-        time.sleep(stop_module.SECOND_CTRL_C_S + 0.1)
-        with pytest.raises(KeyboardInterrupt):
+        stop = engine._Stop()
+        try:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)  # the handler runs between bytecodes
+            assert stop.flag and stop.signum == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)  # at once: the same keypress, forwarded by torchrun
+            time.sleep(stop_module.SECOND_CTRL_C_S + 0.1)
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs between bytecodes
+        finally:
+            stop.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def test_an_ignored_sigint_stays_ignored():
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = engine._Stop()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert not stop.flag
         stop.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_ctrl_c_mid_run_saves_a_checkpoint_and_exits_130(tmp_path):
