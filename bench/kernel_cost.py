@@ -185,26 +185,31 @@ def _ptxas_number(log: str, pattern: str) -> int:
     return int(found.group(1))
 
 
-_POOL_SPECS: list = []
+def _kernel_ref(spec):
+    """The spec with its kernel named (module, name): a Triton kernel does not pickle."""
+    return spec._replace(kernel=(spec.kernel.fn.__module__, spec.kernel.fn.__name__))
 
 
-def _compile_index(i: int, sass: bool):
+def _compile_ref(spec, sass: bool):
     try:
-        return compile_spec(_POOL_SPECS[i], sass)
+        module, name = spec.kernel
+        spec = spec._replace(kernel=getattr(importlib.import_module(module), name))
+        return compile_spec(spec, sass)
     except Exception as err:  # reported by the caller with the spec it belongs to
         return RuntimeError(f"{type(err).__name__}: {str(err)[:2000]}")
 
 
 def compile_many(specs: list, jobs: int = 2, sass: bool = True):
-    """[(spec, Compiled or the exception it raised)], compiled in `jobs` forked processes."""
-    global _POOL_SPECS
-    _POOL_SPECS = list(specs)
+    """[(spec, Compiled or the exception it raised)], compiled in `jobs` worker processes. They start
+    from a fresh interpreter (spawn), not a fork of this one: a fork of a process with other threads
+    (a test run's DALI or torch threads) can inherit a lock another thread held, and hang."""
+    refs = [_kernel_ref(s) for s in specs]
     if jobs <= 1:
-        results = [_compile_index(i, sass) for i in range(len(specs))]
+        results = [_compile_ref(r, sass) for r in refs]
     else:
-        ctx = multiprocessing.get_context("fork")  # the workers inherit the specs (kernels do not pickle)
+        ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            results = list(pool.map(_compile_index, range(len(specs)), [sass] * len(specs)))
+            results = list(pool.map(_compile_ref, refs, [sass] * len(refs)))
     return list(zip(specs, results))
 
 

@@ -205,9 +205,7 @@ def kernel_cost():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("kernels are interpreted in this process; compile them in one without TRITON_INTERPRET")
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "kernel_cost.py")
-    spec = importlib.util.spec_from_file_location("kernel_cost", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kernel_cost"] = module  # its process pool's workers find their function by name
-    spec.loader.exec_module(module)
-    return module
+    bench = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
+    if bench not in sys.path:  # on the path: its process pool's workers (fresh interpreters) import it
+        sys.path.insert(0, bench)
+    return importlib.import_module("kernel_cost")
