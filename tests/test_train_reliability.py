@@ -1,6 +1,7 @@
 """Training under faults: bad images and labels, divergence, interrupted / corrupt / incompatible
 checkpoints, resumed logs, and the command line's checks (all on tiny MNIST-LT runs)."""
 
+import contextlib
 import errno
 import os
 import signal
@@ -351,12 +352,21 @@ def test_invalid_values_are_refused_when_the_config_is_read(args, match):
         config.resolve(args)
 
 
+@contextlib.contextmanager
+def _sigint(handler):
+    """SIGINT handled by `handler` inside the block, as before it after."""
+    outer = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
 def test_ctrl_c_stops_with_a_checkpoint_and_a_second_one_at_once():
     """The first SIGINT asks for a stop (as SIGTERM does); one right after it is the same keypress; a
     later one raises KeyboardInterrupt at once. (Python's own SIGINT handler first: a job started in
     the background by a shell has SIGINT ignored, and then the run leaves it so.)"""
-    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with _sigint(signal.default_int_handler):
         stop = engine._Stop()
         try:
             os.kill(os.getpid(), signal.SIGINT)
@@ -369,25 +379,21 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_second_one_at_once():
         finally:
             stop.restore()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, outer)
 
 
 def test_an_ignored_sigint_stays_ignored():
-    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with _sigint(signal.SIG_IGN):
         stop = engine._Stop()
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)
         assert not stop.flag
         stop.restore()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, outer)
 
 
 def test_ctrl_c_mid_run_saves_a_checkpoint_and_exits_130(tmp_path):
-    """A run interrupted by Ctrl-C: the message, exit 130, a mid-epoch checkpoint that resumes."""
+    """A run interrupted by Ctrl-C: the message, exit 130, a loadable mid-epoch checkpoint (resuming from
+    one is test_sigterm_on_the_last_step_then_resume_logs_every_step_once)."""
     args = small_args(tmp_path, *FAST, "--max-steps", "0", "--epochs", "30", "--max-eval-batches", "1")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
